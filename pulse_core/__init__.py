@@ -1,0 +1,3 @@
+from pulse_core.errors import ConfigError, InputError, ModelFileError, PulseError, StorageError
+
+__all__ = ["ConfigError", "InputError", "ModelFileError", "PulseError", "StorageError"]

@@ -1,0 +1,22 @@
+"""Shared test fixtures.
+
+Server fixtures (SeaweedFS, Prefect, Dask) start real processes on 127.0.0.1 and stop them by PID.
+Reference data lives in ../shared (beside the checkout); tests that need it skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "stylegan1-reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The StyleGAN v1 reference fixtures produced by the authors' code."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {SHARED_FIXTURES} (../shared is absent)")
+    return SHARED_FIXTURES
