@@ -1,0 +1,160 @@
+"""Load a generator by catalogue name or from files, once per process.
+
+Formats are recognised from the file's contents, not its name: a DCGAN checkpoint
+(`{"netG_state_dict": ...}`), or the PULSE StyleGAN v1 files (`synthesis.pt`, with `mapping.pt`
+and/or `gaussian_fit.pt` beside it). Everything goes through `torch.load(weights_only=True)`:
+model files are data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import torch
+
+from pulse_core.errors import ModelFileError
+from pulse_core.generators.base import Generator
+from pulse_core.generators.dcgan import DCGANGenerator
+from pulse_core.generators.gaussian_fit import (
+    GaussianFit,
+    compute_gaussian_fit,
+    load_gaussian_fit,
+    save_gaussian_fit,
+)
+from pulse_core.generators.stylegan1 import (
+    StyleGAN1Generator,
+    mapping_from_state_dict,
+    synthesis_from_state_dict,
+)
+
+# The one piece of global state: generators already loaded in this process, by (path, device).
+_CACHE: dict[tuple[str, str], Generator] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _torch_load(path: Path) -> object:
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(
+            f"cannot read model file {path}: {exc}. Is it a PyTorch checkpoint? "
+            "Re-download it if it may be truncated."
+        ) from None
+
+
+def load_generator(
+    model: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    use_cache: bool = True,
+    allow_download: bool = False,
+) -> Generator:
+    """Return the frozen generator for a catalogue name or a file/folder path, on `device`."""
+    path = _resolve(model, allow_download=allow_download)
+    key = (str(path.resolve()), str(torch.device(device)))
+    if use_cache:
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+    gen = load_generator_file(path).to(device)
+    if not isinstance(model, Path) and not Path(str(model)).exists():
+        gen.model_id = str(model)
+    if use_cache:
+        with _CACHE_LOCK:
+            _CACHE.setdefault(key, gen)
+            return _CACHE[key]
+    return gen
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _resolve(model: str | Path, *, allow_download: bool) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from pulse_core.generators import catalogue  # noqa: PLC0415 - only needed for names
+
+    return Path(catalogue.resolve(str(model), allow_download=allow_download).path)
+
+
+def load_generator_file(path: Path) -> Generator:
+    """Recognise and load one model file or folder (no caching)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("synthesis.pt", "weights.tar"):
+            if (path / name).is_file():
+                return load_generator_file(path / name)
+        raise ModelFileError(
+            f"{path} holds no known model file (expected synthesis.pt [+ mapping.pt, gaussian_fit.pt] "
+            "for StyleGAN v1, or a DCGAN weights.tar)"
+        )
+    data = _torch_load(path)
+    if isinstance(data, dict) and "netG_state_dict" in data:
+        gen: Generator = DCGANGenerator.from_state_dict(data["netG_state_dict"])
+    elif isinstance(data, dict) and "main.0.weight" in data:
+        gen = DCGANGenerator.from_state_dict(data)  # a bare DCGAN state_dict
+    elif isinstance(data, dict) and "blocks.4x4.const" in data:
+        gen = _load_stylegan1(path, data)
+    elif isinstance(data, dict) and "dense0.weight" in data:
+        raise ModelFileError(
+            f"{path} is a StyleGAN v1 mapping network; load the synthesis.pt beside it instead"
+        )
+    else:
+        raise ModelFileError(
+            f"{path}: unrecognised model format; supported: DCGAN checkpoints and the PULSE "
+            "StyleGAN v1 synthesis.pt/mapping.pt/gaussian_fit.pt files"
+        )
+    gen.model_id = path.parent.name if path.name in ("synthesis.pt", "weights.tar") else path.stem
+    gen.checksum = sha256_of(path)
+    return gen.freeze()
+
+
+def _load_stylegan1(synthesis_path: Path, state: dict) -> StyleGAN1Generator:
+    synthesis = synthesis_from_state_dict(state)
+    folder = synthesis_path.parent
+    mapping = None
+    if (folder / "mapping.pt").is_file():
+        mapping_state = _torch_load(folder / "mapping.pt")
+        if not isinstance(mapping_state, dict):
+            raise ModelFileError(f"{folder / 'mapping.pt'} is not a state_dict")
+        mapping = mapping_from_state_dict(mapping_state)
+    fit = gaussian_fit_for(folder, mapping)
+    if fit.mean.numel() != synthesis.w_dim:
+        raise ModelFileError(
+            f"Gaussian fit has {fit.mean.numel()} dims but the synthesis network takes {synthesis.w_dim}"
+        )
+    return StyleGAN1Generator(synthesis, fit.mean, fit.std, mapping=mapping)
+
+
+def gaussian_fit_for(folder: Path, mapping: torch.nn.Module | None) -> GaussianFit:
+    """The fit beside the weights, or computed from the mapping network and cached there."""
+    fit_path = folder / "gaussian_fit.pt"
+    if fit_path.is_file():
+        return load_gaussian_fit(fit_path)
+    if mapping is None:
+        raise ModelFileError(
+            f"no gaussian_fit.pt and no mapping.pt in {folder}: StyleGAN v1 needs one of them "
+            "(the fit is computed from mapping.pt once and cached beside it)"
+        )
+    z_dim = mapping.dense0.weight.shape[1]  # type: ignore[union-attr]
+    fit = compute_gaussian_fit(mapping.eval(), z_dim=int(z_dim))
+    try:
+        save_gaussian_fit(fit, fit_path)
+    except OSError:
+        pass  # read-only model folder: recomputed next time; a warning would be noise here
+    return fit

@@ -1,0 +1,332 @@
+"""StyleGAN v1 (Karras et al., CVPR 2019) in the layout of the PULSE authors' PyTorch port.
+
+Matches pulse-reference.md section 8: equalised learning rate (raw weights scaled at run time),
+style modulation through `x * (s0 + 1) + s1` after instance norm, per-layer noise, nearest x2
+upsampling (fused transposed conv from 128 px up), the [1, 2, 1] blur, and a linear toRGB.
+Module names mirror the `synthesis.pt` / `mapping.pt` keys so both files load strictly; channel
+counts are inferred from the tensors, so any power-of-two resolution 8..1024 works.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pulse_core.errors import ModelFileError
+from pulse_core.generators.base import Generator
+
+SQRT2 = math.sqrt(2.0)
+
+# ----------------------------------------------------------------------------
+
+
+class EqualLinear(nn.Module):
+    """Dense layer with equalised learning rate: weight * gain / sqrt(fan_in) * lrmul."""
+
+    def __init__(
+        self,
+        in_features: int,  # fan-in
+        out_features: int,  # outputs
+        gain: float = SQRT2,  # sqrt(2) before a leaky ReLU, 1 for style affines
+        lrmul: float = 1.0,  # 0.01 in the mapping network
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lrmul)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.w_mul = gain * in_features**-0.5 * lrmul
+        self.b_mul = lrmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.w_mul, self.bias * self.b_mul)
+
+
+# ----------------------------------------------------------------------------
+
+
+class Blur(nn.Module):
+    """Depthwise 3x3 blur with the stored kernel (the [1,2,1] x [1,2,1] / 16 filter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = k[:, None] * k[None, :]
+        self.register_buffer("kernel", (k / k.sum())[None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        return F.conv2d(x, self.kernel.expand(c, -1, -1, -1), padding=1, groups=c)
+
+
+class EqualConv2d(nn.Module):
+    """Conv with equalised learning rate; optionally upsampling x2 first and blurring after."""
+
+    def __init__(
+        self,
+        in_channels: int,  # input feature maps
+        out_channels: int,  # output feature maps
+        kernel_size: int,  # 3 for convs, 1 for toRGB
+        gain: float = SQRT2,  # sqrt(2) for convs, 1 for toRGB
+        upsample: bool = False,  # x2 upsampling before the conv (conv0_up)
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.w_mul = gain * (in_channels * kernel_size**2) ** -0.5
+        self.kernel_size = kernel_size
+        self.upsample = upsample
+        self.intermediate = Blur() if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.w_mul
+        if not self.upsample:
+            return F.conv2d(x, w, self.bias, padding=self.kernel_size // 2)
+        if min(x.shape[2:]) * 2 >= 128:
+            # Fused upsample+conv: the 3x3 kernel summed over its four 1-pixel shifts gives a
+            # 4x4 kernel for a stride-2 transposed conv (what the original TF graph does).
+            w = F.pad(w.permute(1, 0, 2, 3), (1, 1, 1, 1))
+            w = w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]
+            x = F.conv_transpose2d(x, w, stride=2, padding=1)
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = F.conv2d(x, w, padding=self.kernel_size // 2)
+        assert self.intermediate is not None
+        x = self.intermediate(x)
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+# ----------------------------------------------------------------------------
+
+
+class NoiseInput(nn.Module):
+    """Adds a single-channel noise map scaled by a learned per-channel strength."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x + self.weight.view(1, -1, 1, 1) * noise
+
+
+class StyleMod(nn.Module):
+    """AdaIN style: s = A(w) -> (scale, shift) per channel; x * (scale + 1) + shift."""
+
+    def __init__(self, w_dim: int, channels: int) -> None:
+        super().__init__()
+        self.lin = EqualLinear(w_dim, channels * 2, gain=1.0)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        s = self.lin(w).view(-1, 2, x.shape[1], 1, 1)
+        return x * (s[:, 0] + 1.0) + s[:, 1]
+
+
+class Epilogue(nn.Module):
+    """noise -> LeakyReLU(0.2) -> InstanceNorm -> style modulation."""
+
+    def __init__(self, channels: int, w_dim: int) -> None:
+        super().__init__()
+        self.noise = NoiseInput(channels)
+        self.style_mod = StyleMod(w_dim, channels)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = self.noise(x, noise)
+        x = F.leaky_relu(x, 0.2)
+        x = F.instance_norm(x, eps=1e-5)
+        return self.style_mod(x, w)
+
+
+class InputBlock(nn.Module):
+    """4x4: learned constant + bias, epilogue, 3x3 conv, epilogue."""
+
+    def __init__(self, channels: int, w_dim: int) -> None:
+        super().__init__()
+        self.const = nn.Parameter(torch.ones(1, channels, 4, 4))
+        self.bias = nn.Parameter(torch.ones(channels))
+        self.epi1 = Epilogue(channels, w_dim)
+        self.conv = EqualConv2d(channels, channels, 3)
+        self.epi2 = Epilogue(channels, w_dim)
+
+    def forward(self, batch: int, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+        x = self.const.expand(batch, -1, -1, -1) + self.bias.view(1, -1, 1, 1)
+        x = self.epi1(x, w[:, 0], noise[0])
+        x = self.conv(x)
+        return self.epi2(x, w[:, 1], noise[1])
+
+
+class SynthesisBlock(nn.Module):
+    """R x R (R >= 8): upsampling conv + blur, epilogue, 3x3 conv, epilogue."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int) -> None:
+        super().__init__()
+        self.conv0_up = EqualConv2d(in_channels, out_channels, 3, upsample=True)
+        self.epi1 = Epilogue(out_channels, w_dim)
+        self.conv1 = EqualConv2d(out_channels, out_channels, 3)
+        self.epi2 = Epilogue(out_channels, w_dim)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+        x = self.conv0_up(x)
+        x = self.epi1(x, w[:, 0], noise[0])
+        x = self.conv1(x)
+        return self.epi2(x, w[:, 1], noise[1])
+
+
+# ----------------------------------------------------------------------------
+
+
+def default_channels(resolution: int, fmap_base: int = 8192, fmap_max: int = 512) -> list[int]:
+    """Channels per block 4x4..RxR: nf(stage) = min(fmap_base / 2^stage, fmap_max)."""
+    log2 = int(math.log2(resolution))
+    return [min(fmap_base // 2 ** (res - 1), fmap_max) for res in range(2, log2 + 1)]
+
+
+class StyleGAN1Synthesis(nn.Module):
+    """The synthesis network: w (B, L, w_dim) + L noise maps -> raw RGB (B, 3, R, R)."""
+
+    def __init__(
+        self,
+        resolution: int = 1024,  # output side, a power of two in 8..1024
+        channels: list[int] | None = None,  # channels per block 4x4..RxR; None = the FFHQ config
+        w_dim: int = 512,  # size of each style vector
+    ) -> None:
+        super().__init__()
+        log2 = int(math.log2(resolution))
+        if 2**log2 != resolution or not 8 <= resolution <= 1024:
+            raise ModelFileError(
+                f"StyleGAN v1 resolution must be a power of two 8..1024, got {resolution}"
+            )
+        channels = channels or default_channels(resolution)
+        assert len(channels) == log2 - 1, "one channel count per block"
+        self.resolution = resolution
+        self.w_dim = w_dim
+        blocks: dict[str, nn.Module] = {}
+        for i, ch in enumerate(channels):
+            side = 2 ** (i + 2)
+            name = f"{side}x{side}"
+            blocks[name] = (
+                InputBlock(ch, w_dim) if i == 0 else SynthesisBlock(channels[i - 1], ch, w_dim)
+            )
+        self.blocks = nn.ModuleDict(blocks)
+        self.torgb = EqualConv2d(channels[-1], 3, 1, gain=1.0)
+
+    @property
+    def num_layers(self) -> int:
+        return 2 * len(self.blocks)
+
+    def forward(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+        assert w.ndim == 3 and w.shape[1] == self.num_layers, f"w must be (B, {self.num_layers}, D)"
+        assert len(noise) == self.num_layers, f"need {self.num_layers} noise maps"
+        x = torch.empty(0)
+        for i, block in enumerate(self.blocks.values()):
+            ws, ns = w[:, 2 * i : 2 * i + 2], noise[2 * i : 2 * i + 2]
+            x = block(w.shape[0], ws, ns) if i == 0 else block(x, ws, ns)
+        return self.torgb(x)
+
+
+class StyleGAN1Mapping(nn.Module):
+    """z -> w: pixel norm, then `depth` x [dense (lrmul 0.01), LeakyReLU(0.2)]."""
+
+    def __init__(self, z_dim: int = 512, w_dim: int = 512, depth: int = 8) -> None:
+        super().__init__()
+        self.depth = depth
+        for i in range(depth):
+            self.add_module(f"dense{i}", EqualLinear(z_dim if i == 0 else w_dim, w_dim, lrmul=0.01))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        for i in range(self.depth):
+            x = F.leaky_relu(getattr(self, f"dense{i}")(x), 0.2)
+        return x
+
+
+# ----------------------------------------------------------------------------
+
+
+class StyleGAN1Generator(Generator):
+    """Synthesis + Gaussian fit of W (+ the mapping network when it was loaded)."""
+
+    family = "stylegan1"
+
+    def __init__(
+        self,
+        synthesis: StyleGAN1Synthesis,
+        fit_mean: torch.Tensor,  # (w_dim,) mean of LeakyReLU_5(mapping(z))
+        fit_std: torch.Tensor,  # (w_dim,) std of the same
+        mapping: StyleGAN1Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        self.synthesis = synthesis
+        self.mapping = mapping
+        self.register_buffer("fit_mean", fit_mean.detach().float().clone())
+        self.register_buffer("fit_std", fit_std.detach().float().clone())
+
+    @property
+    def resolution(self) -> int:
+        return self.synthesis.resolution
+
+    @property
+    def num_latents(self) -> int:
+        return self.synthesis.num_layers
+
+    @property
+    def latent_dim(self) -> int:
+        return self.synthesis.w_dim
+
+    @property
+    def noise_shapes(self) -> tuple[tuple[int, int], ...]:
+        return tuple((2 ** (i // 2 + 2), 2 ** (i // 2 + 2)) for i in range(self.num_latents))
+
+    def prior(self, latent: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(latent * self.fit_std + self.fit_mean, 0.2)
+
+    def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+        return self.synthesis(w, noise)
+
+
+# ----------------------------------------------------------------------------
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)x\1\.")
+
+
+def synthesis_from_state_dict(state: dict[str, torch.Tensor]) -> StyleGAN1Synthesis:
+    """Build a synthesis network whose sizes are read from the tensors, then load strictly."""
+    sides = sorted({int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))})
+    if not sides or sides[0] != 4 or "blocks.4x4.const" not in state:
+        raise ModelFileError(
+            "not a StyleGAN v1 synthesis state_dict (expected keys like 'blocks.4x4.const'); "
+            "pass the PULSE 'synthesis.pt' file"
+        )
+    channels = [int(state["blocks.4x4.const"].shape[1])]
+    channels += [int(state[f"blocks.{s}x{s}.conv1.weight"].shape[0]) for s in sides[1:]]
+    w_dim = int(state["blocks.4x4.epi1.style_mod.lin.weight"].shape[1])
+    net = StyleGAN1Synthesis(resolution=sides[-1], channels=channels, w_dim=w_dim)
+    _load_strict(net, state, "synthesis")
+    return net
+
+
+def mapping_from_state_dict(state: dict[str, torch.Tensor]) -> StyleGAN1Mapping:
+    depth = len([k for k in state if re.fullmatch(r"dense\d+\.weight", k)])
+    if depth == 0:
+        raise ModelFileError(
+            "not a StyleGAN v1 mapping state_dict (expected keys 'dense0.weight', ...); "
+            "pass the PULSE 'mapping.pt' file"
+        )
+    z_dim = int(state["dense0.weight"].shape[1])
+    w_dim = int(state["dense0.weight"].shape[0])
+    net = StyleGAN1Mapping(z_dim=z_dim, w_dim=w_dim, depth=depth)
+    _load_strict(net, state, "mapping")
+    return net
+
+
+def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    result = net.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:5]}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
+    if problems:
+        raise ModelFileError(f"StyleGAN v1 {what} file does not match: " + "; ".join(problems))

@@ -1,0 +1,274 @@
+"""Several restorations of low-resolution images: the API for notebooks, the CLI and the flow.
+
+Samples of one input come from new random starts ("restart": high-level variation) and from
+noise resampling ("noise-resample": keep the best restart's latent, draw new noise maps and
+refine for a few steps: fine-level variation such as hair and skin texture). Each sample records
+how it was made, its seed and, for resamples, its parent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from pulse_core.errors import ConfigError, InputError
+from pulse_core.generators.base import Generator
+from pulse_core.search import (
+    InitialState,
+    SearchConfig,
+    SearchResult,
+    draw_noise,
+    initial_state,
+    search,
+)
+from pulse_core.seeds import sample_seed
+
+RESTART = "restart"
+NOISE_RESAMPLE = "noise-resample"
+
+
+@dataclass
+class SampleResult:
+    """One HR output of one input, from its best iterate."""
+
+    index: int  # sample index k within the input
+    seed: int  # the seed its start (or its new noise) was drawn from
+    method: str  # "restart" | "noise-resample"
+    parent: int | None  # for noise-resample: the sample whose latent it kept
+    hr: torch.Tensor  # (3, R, R) in [0, 1], clamped
+    lr: torch.Tensor  # (3, h, w) downscale of `hr`'s iterate (the LR check)
+    converged: bool  # mse <= eps
+    mse: float  # LR mean squared error at the best iterate (unclamped)
+    terms: dict[str, float]  # each loss term and TOTAL at the best iterate
+    best_step: int
+    steps_run: int
+    history: dict[str, list[float]]  # per step: lr, MSE, each term, TOTAL
+    latent: torch.Tensor  # best latent, for reproduction and resampling
+    noise: list[torch.Tensor]  # best noise maps (each (1, h, w))
+    seconds: float  # share of the batch's wall time
+
+
+@dataclass
+class RestoreResult:
+    """All samples of one input."""
+
+    key: str  # the input's name (file key or caller's label)
+    lr: torch.Tensor  # (3, h, w) the input as searched
+    factor: int
+    samples: list[SampleResult] = field(default_factory=list)
+
+    @property
+    def converged(self) -> int:
+        return sum(s.converged for s in self.samples)
+
+    def best(self) -> SampleResult:
+        """The converged sample with the lowest total, else the one with the lowest MSE."""
+        return min(
+            self.samples,
+            key=lambda s: (not s.converged, s.terms["TOTAL"] if s.converged else s.mse),
+        )
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One row of a batched search: which input, which sample, from which start."""
+
+    input_index: int
+    sample_index: int
+    seed: int
+    method: str = RESTART
+    parent: int | None = None
+
+
+def as_tensor_image(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """(3, h, w) float in [0, 1] from a tensor (C, h, w) or a PIL image."""
+    if isinstance(image, Image.Image):
+        from pulse_core.imaging import pil_to_tensor  # noqa: PLC0415
+
+        return pil_to_tensor(image)
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"expected a torch.Tensor or PIL.Image, got {type(image).__name__}")
+    t = image.detach().float().cpu()
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise InputError(f"expected an image tensor (3, h, w), got shape {tuple(t.shape)}")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if not torch.isfinite(t).all():
+        raise InputError("image has NaN or infinite values")
+    if t.min() < -0.5 or t.max() > 1.5:
+        # Small overshoots are normal after a bicubic downscale; 0..255 data is a caller's slip.
+        raise InputError(
+            f"image values span [{float(t.min()):g}, {float(t.max()):g}]; expected [0, 1] "
+            "(divide 8-bit data by 255)"
+        )
+    return t
+
+
+def restore(
+    image: torch.Tensor | Image.Image,
+    generator: Generator,
+    samples: int = 4,
+    *,
+    config: SearchConfig | None = None,
+    seed: int = 0,
+    key: str = "input",
+    resample: int = 0,
+    resample_steps: int = 30,
+    batch_size: int | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> RestoreResult:
+    """Restore one in-memory LR image (square, its side dividing the generator resolution)."""
+    return restore_many(
+        [as_tensor_image(image)],
+        generator,
+        samples,
+        keys=[key],
+        config=config,
+        seed=seed,
+        resample=resample,
+        resample_steps=resample_steps,
+        batch_size=batch_size,
+        on_step=on_step,
+    )[0]
+
+
+def restore_many(
+    images: Sequence[torch.Tensor],
+    generator: Generator,
+    samples: int = 4,
+    *,
+    keys: Sequence[str],
+    config: SearchConfig | None = None,
+    seed: int = 0,
+    resample: int = 0,
+    resample_steps: int = 30,
+    batch_size: int | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> list[RestoreResult]:
+    """Restore several LR images, batching (images x samples) rows through one search.
+
+    `samples` per input, of which `resample` are noise resamples of the best restart (needs a
+    generator with noise inputs). Rows are grouped by LR size and cut into `batch_size` rows.
+    """
+    config = (config or SearchConfig.reference()).validate()
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    if not 0 <= resample < samples:
+        raise ConfigError(
+            f"resample must be between 0 and samples - 1 ({samples - 1}), got {resample}"
+        )
+    if resample and not generator.noise_shapes:
+        raise ConfigError(
+            f"{generator.model_id} has no noise inputs, so samples can only come from restarts; "
+            "use resample=0"
+        )
+    if len(keys) != len(images):
+        raise ConfigError("one key per image is required")
+    results = []
+    for key, img in zip(keys, images, strict=True):
+        img = as_tensor_image(img)
+        h, w = img.shape[1:]
+        if h != w:
+            raise InputError(
+                f"{key}: LR image is {w}x{h}; make it square first (imaging.prepare_input)"
+            )
+        if generator.resolution % h or generator.resolution // h < 2:
+            raise InputError(
+                f"{key}: LR size {h} must divide the generator resolution {generator.resolution} "
+                "by a factor of at least 2"
+            )
+        results.append(RestoreResult(key=key, lr=img, factor=generator.resolution // h))
+
+    restarts = samples - resample
+    jobs = [
+        SampleJob(i, k, sample_seed(seed, keys[i], k))
+        for i in range(len(images))
+        for k in range(restarts)
+    ]
+    _run_jobs(jobs, results, generator, config, batch_size, on_step, init_of=None)
+
+    if resample:
+        refine = config.with_(
+            steps=resample_steps, schedule="fixed", learning_rate=config.learning_rate / 10
+        )
+        jobs = []
+        parents: dict[int, SampleResult] = {}
+        for i, res in enumerate(results):
+            parent = res.best()
+            parents[i] = parent
+            jobs += [
+                SampleJob(
+                    i, k, sample_seed(seed, keys[i], k, "noise"), NOISE_RESAMPLE, parent.index
+                )
+                for k in range(restarts, samples)
+            ]
+
+        def init_of(job: SampleJob) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            rng = torch.Generator().manual_seed(job.seed)
+            return parents[job.input_index].latent[None], draw_noise(generator, refine, rng)
+
+        _run_jobs(jobs, results, generator, refine, batch_size, on_step, init_of=init_of)
+    for res in results:
+        res.samples.sort(key=lambda s: s.index)
+    return results
+
+
+def _run_jobs(
+    jobs: list[SampleJob],
+    results: list[RestoreResult],
+    generator: Generator,
+    config: SearchConfig,
+    batch_size: int | None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None,
+    init_of: Callable[[SampleJob], tuple[torch.Tensor, list[torch.Tensor]]] | None,
+) -> None:
+    by_size: dict[int, list[SampleJob]] = {}
+    for job in jobs:
+        by_size.setdefault(results[job.input_index].lr.shape[-1], []).append(job)
+    for group in by_size.values():
+        step = batch_size or len(group)
+        for start in range(0, len(group), step):
+            chunk = group[start : start + step]
+            targets = torch.stack([results[j.input_index].lr for j in chunk])
+            if init_of is None:
+                init = initial_state(generator, [j.seed for j in chunk], config)
+            else:
+                parts = [init_of(j) for j in chunk]
+                init = InitialState(
+                    torch.cat([p[0] for p in parts]),
+                    [
+                        torch.cat([p[1][i] for p in parts])
+                        for i in range(len(generator.noise_shapes))
+                    ],
+                )
+            t0 = time.perf_counter()
+            out = search(generator, targets, init, config, on_step=on_step)
+            share = (time.perf_counter() - t0) / len(chunk)
+            for row, job in enumerate(chunk):
+                results[job.input_index].samples.append(_sample_from(out, row, job, share))
+
+
+def _sample_from(out: SearchResult, row: int, job: SampleJob, seconds: float) -> SampleResult:
+    return SampleResult(
+        index=job.sample_index,
+        seed=job.seed,
+        method=job.method,
+        parent=job.parent,
+        hr=out.hr[row].clamp(0, 1),
+        lr=out.lr[row],
+        converged=bool(out.converged[row]),
+        mse=float(out.mse[row]),
+        terms={k: float(v[row]) for k, v in out.terms.items()},
+        best_step=int(out.best_step[row]),
+        steps_run=out.steps_run,
+        history={k: v[:, row].tolist() for k, v in out.history.items()},
+        latent=out.latent[row],
+        noise=[m[row] for m in out.noise],
+        seconds=seconds,
+    )
