@@ -50,7 +50,7 @@ def gaussian_taps(factor: int) -> torch.Tensor:
 
 def _separable(x: torch.Tensor, taps: torch.Tensor, factor: int) -> torch.Tensor:
     """Reflect-pad, then a strided depthwise 1-D conv along H, then the same along W."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     size = taps.numel()
     pad = size - factor
     before, after = pad // 2, pad - pad // 2

@@ -87,7 +87,7 @@ class SampleJob:
 def as_tensor_image(image: torch.Tensor | Image.Image) -> torch.Tensor:
     """(3, h, w) float in [0, 1] from a tensor (C, h, w) or a PIL image."""
     if isinstance(image, Image.Image):
-        from pulse_core.imaging import pil_to_tensor  # noqa: PLC0415
+        from pulse_core.imaging import pil_to_tensor
 
         return pil_to_tensor(image)
     if not isinstance(image, torch.Tensor):

@@ -8,6 +8,7 @@ model files are data, never code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from pathlib import Path
@@ -87,7 +88,7 @@ def _resolve(model: str | Path, *, allow_download: bool) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
-    from pulse_core.generators import catalogue  # noqa: PLC0415 - only needed for names
+    from pulse_core.generators import catalogue  # lazy: only needed for names
 
     return Path(catalogue.resolve(str(model), allow_download=allow_download).path)
 
@@ -153,8 +154,6 @@ def gaussian_fit_for(folder: Path, mapping: torch.nn.Module | None) -> GaussianF
         )
     z_dim = mapping.dense0.weight.shape[1]  # type: ignore[union-attr]
     fit = compute_gaussian_fit(mapping.eval(), z_dim=int(z_dim))
-    try:
+    with contextlib.suppress(OSError):  # a read-only model folder: recomputed next time
         save_gaussian_fit(fit, fit_path)
-    except OSError:
-        pass  # read-only model folder: recomputed next time; a warning would be noise here
     return fit
