@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -87,9 +88,8 @@ class SampleJob:
 def as_tensor_image(image: torch.Tensor | Image.Image) -> torch.Tensor:
     """(3, h, w) float in [0, 1] from a tensor (C, h, w) or a PIL image."""
     if isinstance(image, Image.Image):
-        from pulse_core.imaging import pil_to_tensor
-
-        return pil_to_tensor(image)
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
     if not isinstance(image, torch.Tensor):
         raise InputError(f"expected a torch.Tensor or PIL.Image, got {type(image).__name__}")
     t = image.detach().float().cpu()

@@ -31,7 +31,7 @@ from pulse_core.generators.stylegan1 import (
 )
 
 # The one piece of global state: generators already loaded in this process, by (path, device).
-_CACHE: dict[tuple[str, str], Generator] = {}
+_CACHE: dict[tuple[str, str, str], Generator] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -62,20 +62,24 @@ def load_generator(
     use_cache: bool = True,
     allow_download: bool = False,
 ) -> Generator:
-    """Return the frozen generator for a catalogue name or a file/folder path, on `device`."""
-    path = _resolve(model, allow_download=allow_download)
-    key = (str(path.resolve()), str(torch.device(device)))
+    """Return the frozen generator for a catalogue name or a file/folder path, on `device`.
+
+    Files are verified against their published or pinned sha256 by the catalogue first; the
+    generator carries that name and checksum into every manifest row it produces.
+    """
+    from pulse_core.generators import catalogue  # lazy: catalogue imports the fetchers
+
+    resolved = catalogue.resolve(model, allow_download=allow_download)
+    key = (str(Path(resolved.path).resolve()), resolved.sha256, str(torch.device(device)))
     if use_cache:
         with _CACHE_LOCK:
             if key in _CACHE:
                 return _CACHE[key]
-    gen = load_generator_file(path).to(device)
-    if not isinstance(model, Path) and not Path(str(model)).exists():
-        gen.model_id = str(model)
+    gen = load_generator_file(Path(resolved.path), checksum=resolved.sha256).to(device)
+    gen.model_id = resolved.name
     if use_cache:
         with _CACHE_LOCK:
-            _CACHE.setdefault(key, gen)
-            return _CACHE[key]
+            return _CACHE.setdefault(key, gen)
     return gen
 
 
@@ -84,22 +88,16 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def _resolve(model: str | Path, *, allow_download: bool) -> Path:
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    from pulse_core.generators import catalogue  # lazy: only needed for names
+def load_generator_file(path: Path, checksum: str | None = None) -> Generator:
+    """Recognise and load one model file or folder (no caching, no catalogue).
 
-    return Path(catalogue.resolve(str(model), allow_download=allow_download).path)
-
-
-def load_generator_file(path: Path) -> Generator:
-    """Recognise and load one model file or folder (no caching)."""
+    `checksum` is the already verified sha256; without it the main file is hashed here.
+    """
     path = Path(path)
     if path.is_dir():
         for name in ("synthesis.pt", "weights.tar"):
             if (path / name).is_file():
-                return load_generator_file(path / name)
+                return load_generator_file(path / name, checksum)
         raise ModelFileError(
             f"{path} holds no known model file (expected synthesis.pt [+ mapping.pt, gaussian_fit.pt] "
             "for StyleGAN v1, or a DCGAN weights.tar)"
@@ -121,7 +119,7 @@ def load_generator_file(path: Path) -> Generator:
             "StyleGAN v1 synthesis.pt/mapping.pt/gaussian_fit.pt files"
         )
     gen.model_id = path.parent.name if path.name in ("synthesis.pt", "weights.tar") else path.stem
-    gen.checksum = sha256_of(path)
+    gen.checksum = checksum or sha256_of(path)
     return gen.freeze()
 
 

@@ -1,0 +1,86 @@
+"""`pulse models list | info NAME | pull NAME | import PATH`: the model catalogue and cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from pulse_core.generators import catalogue
+from pulse_core.generators.cache import cache_dir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="list, inspect, download and import generators", description=__doc__
+    )
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="{list,info,pull,import}")
+    ls = msub.add_parser("list", help="catalogue entries and whether each is cached")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    info = msub.add_parser("info", help="everything known about one model")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    pull = msub.add_parser("pull", help="download a catalogue model into the cache and verify it")
+    pull.add_argument("name")
+    imp = msub.add_parser(
+        "import", help="copy a local model file or folder into the cache, pinning its sha256"
+    )
+    imp.add_argument("path")
+    imp.add_argument(
+        "--name",
+        help="name to register it under (default: a catalogue entry it matches, or the file name)",
+    )
+    p.set_defaults(func=run_models)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    cmd = args.models_command
+    if cmd == "list":
+        entries = catalogue.list_models()
+        if args.json:
+            print(
+                json.dumps(
+                    [{**_entry_dict(e), "cached": catalogue.is_cached(e.name)} for e in entries],
+                    indent=2,
+                )
+            )
+            return 0
+        print(f"cache: {cache_dir()}")
+        for e in entries:
+            mark = "cached" if catalogue.is_cached(e.name) else "-"
+            print(f"  {e.name:<28} {e.family:<10} {e.resolution:>5}px  {mark:<7} {e.description}")
+        return 0
+    if cmd == "info":
+        e = catalogue.get_entry(args.name)
+        d = {
+            **_entry_dict(e),
+            "cached": catalogue.is_cached(e.name),
+            "cache_path": str(catalogue.cache_path(e.name)),
+        }
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            for k, v in d.items():
+                print(f"{k:>12}: {v}")
+        return 0
+    if cmd == "pull":
+        print(f"pulling {args.name} into {cache_dir()}...", file=sys.stderr)
+        path = catalogue.pull(args.name, progress=_print_progress)
+        print(path)
+        return 0
+    if cmd == "import":
+        path = catalogue.import_model(args.path, name=args.name)
+        print(path)
+        return 0
+    raise AssertionError(cmd)
+
+
+def _entry_dict(e: catalogue.ModelEntry) -> dict:
+    d = asdict(e)
+    d["files"] = [asdict(f) for f in e.files]
+    return d
+
+
+def _print_progress(*args: object) -> None:
+    print("  " + " ".join(str(a) for a in args), file=sys.stderr)
