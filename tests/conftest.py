@@ -20,3 +20,18 @@ def reference_dir() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {SHARED_FIXTURES} (../shared is absent)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def demo_generator():
+    """The real demo generator from the model cache (`make test` pulls it before pytest runs).
+
+    Tests never download: if the cache lacks it, they skip and say how to fetch it.
+    """
+    from pulse_core.errors import ModelFileError
+    from pulse_core.generators.loading import load_generator
+
+    try:
+        return load_generator("demo")
+    except ModelFileError as exc:
+        pytest.skip(f"demo model not cached ({exc}); run `make model` or `pulse models pull demo`")

@@ -20,7 +20,7 @@ def test_bare_term_has_weight_one():
 
 
 def test_unknown_term_is_named_in_the_error():
-    with pytest.raises(ConfigError, match="'LPIPS'.*known terms: L2, L1, GEOCROSS"):
+    with pytest.raises(ConfigError, match=r"'LPIPS'.*known terms: L2, L1, GEOCROSS"):
         parse_loss("100*L2+1*LPIPS")
 
 

@@ -67,7 +67,7 @@ def test_mapping_keys_match_the_reference():
 
 
 def test_wrong_file_is_refused_with_a_clear_error():
-    with pytest.raises(ModelFileError, match="synthesis.pt"):
+    with pytest.raises(ModelFileError, match=r"synthesis\.pt"):
         synthesis_from_state_dict({"foo": torch.zeros(1)})
 
 
