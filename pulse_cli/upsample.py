@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pulse_cli.progress import ProgressBar
+from pulse_core.devices import pick_device
 from pulse_core.downscale import OPERATORS
 from pulse_core.errors import PulseError
 from pulse_core.generators.loading import load_generator
@@ -110,16 +111,6 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         "early_stop": args.early_stop,
     }
     return base.with_(**{k: v for k, v in changes.items() if v is not None})
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def collect_inputs(paths: list[str]) -> list[Path]:
