@@ -23,8 +23,8 @@ model: install
 	$(BIN)/pulse models pull demo
 
 demo: model
-	$(BIN)/pulse upsample examples/lr --out $(DEMO_OUT) --samples 4
-	@echo "demo results: $(abspath $(DEMO_OUT))/ (open */sheet.png)"
+	PREFECT_HOME=$(abspath .prefect-demo) $(BIN)/pulse run examples/lr $(DEMO_OUT) --samples 4 --force
+	@echo "demo results: $(abspath $(DEMO_OUT))/ (one folder per input; manifests in _runs/ and _manifest/)"
 
 test: model lint
 	$(BIN)/python -m pytest

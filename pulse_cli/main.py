@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pulse_cli import models, upsample
+from pulse_cli import models, run, upsample
 from pulse_core.errors import PulseError
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pulse",
         description="PULSE photo upsampling: restore low-resolution faces by searching a generator's latent space.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{upsample,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{upsample,run,models}")
 
     up = sub.add_parser(
         "upsample",
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_search_arguments(up)
     up.set_defaults(func=upsample.run_upsample)
 
+    run.add_parser(sub)
     models.add_parser(sub)
     return parser
 

@@ -5,8 +5,8 @@ and writes its PNGs and manifest parts; `finalize_run` merges a run's parts and 
 dataset index. Prefect tasks wrap these one-to-one, so the same code runs in a notebook, in a
 thread pool or on a Dask GPU worker.
 
-Keys: an input `scans/1950s/a.png` (relative to source) gives `scans/1950s/a/sample-<k>.png` and
-`.../sample-<k>-lr.png` in dest: derived from the input key and the sample index only, so a re-run
+Keys: an input `scans/1950s/a.png` (relative to source) gives `scans/1950s/a/sample-<k>.png`,
+`.../sample-<k>-lr.png` and `.../sheet.png` (input | samples | their downscales) in dest: derived from the input key and the sample index only, so a re-run
 writes to the same place. Bad input never fails a batch: it becomes a manifest row with status
 "failed" and the reason. Only transient storage errors propagate (so the task can be retried).
 """
@@ -14,6 +14,7 @@ writes to the same place. Bad input never fails a batch: it becomes a manifest r
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 import time
@@ -25,7 +26,13 @@ import pyarrow as pa
 from pulse_core.devices import pick_device
 from pulse_core.errors import PulseError
 from pulse_core.generators.loading import load_counts, load_generator
-from pulse_core.imaging import DEFAULT_MAX_PIXELS, encode_png, load_image, prepare_input
+from pulse_core.imaging import (
+    DEFAULT_MAX_PIXELS,
+    contact_sheet,
+    encode_png,
+    load_image,
+    prepare_input,
+)
 from pulse_core.manifest import (
     INDEX_PREFIX,
     RUNS_PREFIX,
@@ -344,6 +351,16 @@ def restore_items(
                         "total": h["TOTAL"][step],
                     }
                 )
+        sheet = contact_sheet(
+            res.lr,
+            [s.hr for s in res.samples],
+            [s.lr.clamp(0, 1) for s in res.samples],
+            labels=[f"input {prep.lr_size}px"]
+            + [f"#{s.index} {'ok' if s.converged else 'not converged'}" for s in res.samples],
+        )
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        _write(dest, f"{output_base(key)}/sheet.png", buf.getvalue())
         best = min(s.mse for s in res.samples)
         outcomes[key] = InputOutcome(
             key, "ok", None, len(res.samples), res.converged, best, out_keys

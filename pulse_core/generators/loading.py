@@ -93,60 +93,6 @@ def _load(resolved: catalogue.ResolvedModel, device: str | torch.device) -> Gene
     return gen
 
 
-def load_counts() -> dict[str, int]:
-    """How many times each model was loaded from disk by this process (not served from cache)."""
-    with _CACHE_LOCK:
-        return dict(_LOADS)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _torch_load(path: Path) -> object:
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(
-            f"cannot read model file {path}: {exc}. Is it a PyTorch checkpoint? "
-            "Re-download it if it may be truncated."
-        ) from None
-
-
-def load_generator(
-    model: str | Path,
-    device: str | torch.device = "cpu",
-    *,
-    use_cache: bool = True,
-    allow_download: bool = False,
-) -> Generator:
-    """Return the frozen generator for a catalogue name or a file/folder path, on `device`.
-
-    Files are verified against their published or pinned sha256 by the catalogue first; the
-    generator carries that name and checksum into every manifest row it produces.
-    """
-    resolved = catalogue.resolve(model, allow_download=allow_download)
-    key = (str(Path(resolved.path).resolve()), resolved.sha256, str(torch.device(device)))
-    if use_cache:
-        with _CACHE_LOCK:
-            if key in _CACHE:
-                return _CACHE[key]
-    gen = load_generator_file(Path(resolved.path), checksum=resolved.sha256).to(device)
-    gen.model_id = resolved.name
-    with _CACHE_LOCK:
-        _LOADS[resolved.name] = _LOADS.get(resolved.name, 0) + 1
-    if use_cache:
-        with _CACHE_LOCK:
-            return _CACHE.setdefault(key, gen)
-    return gen
-
-
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()

@@ -1,0 +1,55 @@
+"""Task: restore one batch of inputs on whatever device the worker has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from pulse_core.batch import BatchOutcome, RestoreSettings, restore_items
+from pulse_core.storage import Storage, is_transient
+
+
+def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a batch only for transient storage errors: bad input is already a failed row."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+@task(
+    name="restore-batch",
+    tags=["gpu"],
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_transient_only,
+    task_run_name="restore-batch-{batch_id}",
+)
+def restore_batch(
+    input_keys: list[str],
+    source: Storage,
+    dest: Storage,
+    settings: RestoreSettings,
+    run_id: str,
+    batch_id: str,
+    collisions: dict[str, str],
+) -> BatchOutcome:
+    outcome = restore_items(
+        input_keys, source, dest, settings, run_id=run_id, batch_id=batch_id, collisions=collisions
+    )
+    logger = get_run_logger()
+    logger.info(
+        "batch %s: %d ok, %d failed in %.1f s on %s (%s)",
+        batch_id,
+        outcome.ok,
+        outcome.failed,
+        outcome.seconds,
+        outcome.device,
+        outcome.worker,
+    )
+    for item in outcome.inputs:
+        if item.status != "ok":
+            logger.warning("failed %s: %s", item.input_key, item.error)
+    return outcome
