@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install model demo test test-fast lint format bench stack stack-stop clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ format: install
 
 bench: model
 	$(BIN)/python bench/search_speed.py
+
+# The local running system: Prefect server + UI, SeaweedFS S3, Dask scheduler and workers.
+stack: model
+	$(BIN)/python infra/local_stack.py start
+
+stack-stop:
+	$(BIN)/python infra/local_stack.py stop
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info

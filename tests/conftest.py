@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 # Real servers for integration tests: the session-scoped `seaweedfs` fixture (S3, credentials on).
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server", "tests.prefect_server", "tests.dask_cluster"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "stylegan1-reference"
