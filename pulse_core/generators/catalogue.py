@@ -23,8 +23,9 @@ bytes. That is the output of `sha256sum` over the sorted files, so for a flat fo
 catalogue entry, a file `derived_from` another one that is present is left out (gaussian_fit.pt
 computed from mapping.pt by the loader does not change the model's identity).
 
-Adding models: call `register(ModelEntry(...))` at the bottom of this module. StyleGAN2/3 entries
-come with a later issue, with URLs and checksums taken from their publishers, never guessed.
+Adding models: call `register(ModelEntry(...))` at the bottom of this module, with URLs and
+checksums taken from their publishers, never guessed (NVIDIA publishes no checksums: those
+entries pin the first download's sha256 and say so).
 """
 
 from __future__ import annotations
@@ -700,3 +701,66 @@ register(
         ),
     )
 )
+
+# NVIDIA's network pickles (URLs from the READMEs of NVlabs/stylegan2-ada-pytorch and
+# NVlabs/stylegan3). NVIDIA publishes no checksums for them: the sha256 of the first download is
+# pinned (trust on first use) and every later use is checked against that pin.
+_NVIDIA_PINNED = (
+    "NVIDIA publishes no checksum for this file: the sha256 of its first download is pinned "
+    "and checked on every later use. The pickle is read without running code from it."
+)
+_NVIDIA_LICENCE = "NVIDIA Source Code License (non-commercial use only; code and networks)"
+_SG2_ADA_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
+_NGC_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/{repo}/versions/1/files/"
+_DATASETS = {  # name in the file names -> (title, dataset licence)
+    "ffhq": ("FFHQ faces", "FFHQ dataset CC BY-NC-SA 4.0"),
+    "ffhqu": ("FFHQ-U faces (unaligned)", "FFHQ dataset CC BY-NC-SA 4.0"),
+    "metfaces": ("MetFaces (faces in art)", "MetFaces dataset CC BY-NC 2.0"),
+    "afhqcat": ("AFHQ cats", "AFHQ dataset CC BY-NC 4.0"),
+    "afhqdog": ("AFHQ dogs", "AFHQ dataset CC BY-NC 4.0"),
+    "afhqwild": ("AFHQ wild animals", "AFHQ dataset CC BY-NC 4.0"),
+    "afhqv2": ("AFHQv2 animal faces", "AFHQv2 dataset CC BY-NC 4.0"),
+}
+
+
+def _nvidia_entry(
+    name: str, family: Family, release: str, dataset: str, res: int, url: str
+) -> None:
+    title, dataset_licence = _DATASETS[dataset]
+    register(
+        ModelEntry(
+            name=name,
+            family=family,
+            resolution=res,
+            description=f"{release}, {title}, {res}x{res}",
+            licence=f"{_NVIDIA_LICENCE}; trained on the {dataset_licence}",
+            source="url",
+            files=(ModelFile(url.rsplit("/", 1)[1], url=url, sha256=None),),
+            notes=_NVIDIA_PINNED,
+        )
+    )
+
+
+def _register_nvidia_releases() -> None:
+    sg2_ada = (("ffhq", 1024), ("metfaces", 1024), ("afhqcat", 512), ("afhqdog", 512))
+    for dataset, res in (*sg2_ada, ("afhqwild", 512)):
+        url = f"{_SG2_ADA_URL}{dataset}.pkl"
+        release = "StyleGAN2-ADA (PyTorch release)"
+        _nvidia_entry(f"{dataset}-{res}-stylegan2-ada", "stylegan2", release, dataset, res, url)
+    ngc_sg2 = (("ffhq", 1024), ("ffhq", 512), ("ffhq", 256), ("metfaces", 1024), ("afhqv2", 512))
+    for dataset, res in ngc_sg2:
+        url = _NGC_URL.format(repo="stylegan2") + f"stylegan2-{dataset}-{res}x{res}.pkl"
+        release = "StyleGAN2 (NGC, for the stylegan3 code)"
+        _nvidia_entry(f"{dataset}-{res}-stylegan2", "stylegan2", release, dataset, res, url)
+    ngc_sg3 = (("ffhq", 1024), ("ffhqu", 1024), ("ffhqu", 256), ("metfaces", 1024), ("afhqv2", 512))
+    for config in ("t", "r"):
+        for dataset, res in ngc_sg3:
+            url = (
+                _NGC_URL.format(repo="stylegan3") + f"stylegan3-{config}-{dataset}-{res}x{res}.pkl"
+            )
+            release = f"StyleGAN3-{config.upper()}"
+            name = f"{dataset}-{res}-stylegan3-{config}"
+            _nvidia_entry(name, "stylegan3", release, dataset, res, url)
+
+
+_register_nvidia_releases()

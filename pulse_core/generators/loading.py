@@ -1,13 +1,16 @@
 """Load a generator by catalogue name or from files, once per process.
 
 Formats are recognised from the file's contents, not its name: a DCGAN checkpoint
-(`{"netG_state_dict": ...}`), or the PULSE StyleGAN v1 files (`synthesis.pt`, with `mapping.pt`
-and/or `gaussian_fit.pt` beside it). Everything goes through `torch.load(weights_only=True)`:
-model files are data, never code.
+(`{"netG_state_dict": ...}`), the PULSE StyleGAN v1 files (`synthesis.pt`, with `mapping.pt`
+and/or `gaussian_fit.pt` beside it), NVIDIA StyleGAN2-ADA / StyleGAN3 network pickles (read by
+a restricted unpickler, `nvidia_pickle.py`) and rosinality StyleGAN2 checkpoints
+(`{"g_ema": ...}`). Torch files go through `torch.load(weights_only=True)`: model files are data,
+never code.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import threading
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators import catalogue
+from pulse_core.generators import catalogue, nvidia_pickle, rosinality
 from pulse_core.generators.base import Generator
 from pulse_core.generators.dcgan import DCGANGenerator
 from pulse_core.generators.gaussian_fit import (
@@ -55,7 +58,9 @@ def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # rosinality's train.py saves its argparse.Namespace beside the weights: plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelFileError(
             f"cannot read model file {path}: {exc}. Is it a PyTorch checkpoint? "
@@ -113,9 +118,16 @@ def load_generator_file(path: Path, checksum: str | None = None) -> Generator:
             f"{path} holds no known model file (expected synthesis.pt [+ mapping.pt, gaussian_fit.pt] "
             "for StyleGAN v1, or a DCGAN weights.tar)"
         )
-    data = _torch_load(path)
-    if isinstance(data, dict) and "netG_state_dict" in data:
-        gen: Generator = DCGANGenerator.from_state_dict(data["netG_state_dict"])
+    # NVIDIA network pickles are plain pickles: read by a restricted unpickler, never torch.load.
+    data = None if nvidia_pickle.looks_like_network_pickle(path) else _torch_load(path)
+    if data is None:
+        checksum = checksum or sha256_of(path)
+        gen: Generator = nvidia_pickle.load_network_pickle(path, checksum)
+    elif rosinality.is_rosinality_checkpoint(data):
+        checksum = checksum or sha256_of(path)
+        gen = rosinality.load_rosinality_checkpoint(data, checksum, source=str(path))
+    elif isinstance(data, dict) and "netG_state_dict" in data:
+        gen = DCGANGenerator.from_state_dict(data["netG_state_dict"])
     elif isinstance(data, dict) and "main.0.weight" in data:
         gen = DCGANGenerator.from_state_dict(data)  # a bare DCGAN state_dict
     elif isinstance(data, dict) and "blocks.4x4.const" in data:
@@ -126,8 +138,9 @@ def load_generator_file(path: Path, checksum: str | None = None) -> Generator:
         )
     else:
         raise ModelFileError(
-            f"{path}: unrecognised model format; supported: DCGAN checkpoints and the PULSE "
-            "StyleGAN v1 synthesis.pt/mapping.pt/gaussian_fit.pt files"
+            f"{path}: unrecognised model format; supported: DCGAN checkpoints, the PULSE "
+            "StyleGAN v1 synthesis.pt/mapping.pt/gaussian_fit.pt files, NVIDIA StyleGAN2/3 "
+            "network pickles (.pkl) and rosinality StyleGAN2 checkpoints ({'g_ema': ...})"
         )
     gen.model_id = path.parent.name if path.name in ("synthesis.pt", "weights.tar") else path.stem
     gen.checksum = checksum or sha256_of(path)
