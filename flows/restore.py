@@ -94,10 +94,17 @@ def restore_archive(
     storage_endpoint: str | None = None,
     resample: int = 0,
     early_stop: bool | None = None,
+    learning_rate: float | None = None,
+    optimizer: str | None = None,
+    schedule: str | None = None,
+    noise_mode: str | None = None,
+    search_batch: int = 32,
 ) -> RunSummary:
     """Restore every image under `source` not yet restored in `dest`.
 
-    source/dest: `s3://bucket/prefix` or a local folder. batch_size: inputs per task.
+    source/dest: `s3://bucket/prefix` or a local folder. batch_size: inputs per task;
+    search_batch: rows (inputs x samples) per forward pass inside a task. steps, eps, loss,
+    operator, learning_rate, optimizer, schedule, noise_mode, early_stop: None keeps the preset.
     task_runner: "threads" (max_workers threads in this process) or "dask" (a LocalCluster of
     max_workers workers, or the cluster at dask_address; tasks need a worker with resource GPU=1
     when gpu_resource). Fails at the end if more than max_failures inputs failed.
@@ -119,9 +126,14 @@ def restore_archive(
         loss=loss,
         operator=operator,
         early_stop=early_stop,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        schedule=schedule,
+        noise_mode=noise_mode,
         seed=seed,
         fit=fit,
         device=device,
+        search_batch=search_batch,
     )
     settings.search_config()  # validate every search option before any work
     storage_config = StorageConfig(endpoint_url=storage_endpoint)

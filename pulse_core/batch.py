@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from pulse_core.storage import Storage, TransientStorageError, is_transient
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESERVED_PREFIXES = (RUNS_PREFIX + "/", INDEX_PREFIX.split("/")[0] + "/")
+# Names of what restore_items writes in an input's output folder (see `sample_keys`).
+OUTPUT_NAME = re.compile(r"^(?:sample-\d+(?:-lr)?|sheet)\.png$")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class RestoreSettings:
     loss: str | None = None
     operator: str | None = None
     early_stop: bool | None = None
+    learning_rate: float | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
+    noise_mode: str | None = None
     seed: int = 0  # base seed; each (input, sample) derives its own
     fit: str = "center-crop"  # non-square policy
     device: str = "auto"
@@ -79,6 +86,10 @@ class RestoreSettings:
             "loss": self.loss,
             "operator": self.operator,
             "early_stop": self.early_stop,
+            "learning_rate": self.learning_rate,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "noise_mode": self.noise_mode,
         }
         return preset(self.preset).with_(**{k: v for k, v in changes.items() if v is not None})
 
@@ -121,11 +132,7 @@ def discover(
     An input counts as done when its index rows for samples 0..samples-1 are all "ok" and their
     PNGs exist. Failed or partial inputs are pending again, so a re-run resumes.
     """
-    keys = sorted(
-        o.key
-        for o in source.list(suffixes=IMAGE_SUFFIXES)
-        if not o.key.startswith(RESERVED_PREFIXES) or source.url != dest.url
-    )
+    keys = _inputs_only(sorted(o.key for o in source.list(suffixes=IMAGE_SUFFIXES)), source, dest)
     collisions: dict[str, str] = {}
     seen: dict[str, str] = {}
     for key in keys:
@@ -155,6 +162,29 @@ def discover(
         done=len(done & set(keys)),
         collisions=collisions,
     )
+
+
+def _inputs_only(keys: list[str], source: Storage, dest: Storage) -> list[str]:
+    """`keys` without dest's own outputs and manifests, when dest lies inside source.
+
+    dest == source: manifests (`_runs/`, `_manifest/`) and the PNGs written in an input's output
+    folder (`<stem>/sample-<k>.png`, `-lr.png`, `sheet.png` next to `<stem>.<ext>`) are not
+    inputs. dest below source (`source/restored`): nothing under dest is an input. Without this,
+    every re-run would take the previous run's outputs for new inputs.
+    """
+    src, dst = source.url.rstrip("/"), dest.url.rstrip("/")
+    if dst.startswith(src + "/"):
+        inside = dst[len(src) + 1 :] + "/"
+        return [k for k in keys if not k.startswith(inside)]
+    if dst != src:
+        return keys
+    keys = [k for k in keys if not k.startswith(RESERVED_PREFIXES)]
+    bases = {output_base(k) for k in keys if not OUTPUT_NAME.match(k.rpartition("/")[2])}
+    return [
+        k
+        for k in keys
+        if not (OUTPUT_NAME.match(k.rpartition("/")[2]) and k.rpartition("/")[0] in bases)
+    ]
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,542 @@
+"""The restore-archive flow end to end, against a real S3 server and a temporary Prefect API.
+
+Each test is one behaviour of the pipeline as a user or an operator sees it: what lands in dest,
+what a re-run redoes, how bad inputs and bad storage settings are reported. The Prefect API
+starts once for the module (`prefect_harness`); runs that several specs read (a restored folder,
+a run over bad inputs) are made once per module too, and tests that change a dest work on a copy.
+Searches are tiny (3 steps, 1-2 samples): these specs are about the pipeline, not the search.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.restore import TooManyFailures, restore_archive
+from pulse_cli.main import main
+from pulse_core.errors import StorageError
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "lr"
+EXAMPLE_KEYS = ("astronaut-16.png", "astronaut-8.png", "grace-hopper-16.png", "grace-hopper-8.png")
+FAST = {"steps": 3, "samples": 2}  # a search just long enough to exercise every code path
+RUN_KEY = "restore"  # flows.restore: artifacts are keyed restore-progress/-results/-report
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: one Prefect API per module, runs shared by several specs
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory, demo_generator) -> Iterator[None]:
+    """A temporary Prefect API (SQLite in a temp dir) for every flow call of this module.
+
+    Also requires the demo generator in the model cache (skips cleanly without it).
+    """
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with (
+            temporary_settings(updates={PREFECT_HOME: home}),
+            prefect_test_harness(server_startup_timeout=90),
+        ):
+            yield
+
+
+def index_of(dest: Path) -> pa.Table:
+    """The raw index folder of a local dest, read as one dataset (no dedup applied)."""
+    return ds.dataset(dest / "_manifest" / "samples", format="parquet").to_table()
+
+
+def identities(table: pa.Table) -> list[tuple[str, int]]:
+    return list(zip(table["input_key"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def restored_folder(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/lr restored once (2 samples each) into a folder; tests copy it before changing it."""
+    dest = tmp_path_factory.mktemp("restored") / "dest"
+    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+    assert (summary.ok, summary.failed) == (len(EXAMPLE_KEYS), 0)
+    return dest
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "dest"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs of every kind, made from the example faces
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **options)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming width x height, with a token IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def good_inputs() -> dict[str, tuple[bytes, str]]:
+    """file name -> (bytes, words the manifest's conversions must contain)."""
+    face = Image.open(EXAMPLES / "astronaut-16.png").convert("RGB")  # 16x16
+    rgba = face.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((16, 16)))  # really transparent somewhere
+    wide = Image.new("RGB", (16, 24), "white")  # portrait 16x24 -> centre-cropped to 16x16
+    wide.paste(face, (0, 4))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    grey16 = Image.fromarray(np.asarray(face.convert("L"), dtype=np.uint16) * 257)  # I;16
+    return {
+        "plain.png": (_png(face), ""),
+        "cmyk.jpg": (_jpeg(face.convert("CMYK")), "CMYK -> RGB"),
+        "grey16.png": (_png(grey16), "16-bit greyscale"),
+        "rgba.png": (_png(rgba), "alpha composited on white"),
+        "palette.png": (_png(face.convert("P")), "palette -> RGB"),
+        "grey8.png": (_png(face.convert("L").resize((8, 8))), "greyscale -> RGB"),
+        "rotated.jpg": (_jpeg(face, exif=exif), "exif-orientation 6 applied"),
+        "portrait.png": (_png(wide), "centre-cropped to 16x16"),
+    }
+
+
+def bad_inputs() -> dict[str, tuple[bytes, tuple[str, ...]]]:
+    """file name -> (bytes, words the failure reason must contain)."""
+    face = _png(Image.open(EXAMPLES / "astronaut-16.png").convert("RGB"))
+    return {
+        "empty.png": (b"", ("empty", "0 bytes")),
+        "truncated.png": (face[: len(face) // 2], ("truncated",)),
+        "notes.jpg": (b"meeting notes, not a photo\n" * 8, ("not a readable image",)),
+        "dot.png": (_png(Image.new("RGB", (1, 1))), ("1x1", "at least 2x2")),
+        "bomb.png": (_png_header_only(100_000, 100_000), ("pixels", "decompression bomb")),
+        "odd-size.png": (
+            _png(Image.open(EXAMPLES / "astronaut-16.png").resize((12, 12))),
+            ("12x12", "allowed LR sizes"),
+        ),
+    }
+
+
+@dataclass
+class BadInputsRun:
+    """A run over a folder mixing good and bad inputs, with max_failures below the bad count."""
+
+    source: Path
+    dest: Path
+    flow_run_id: str
+    state: Any  # the flow's final Prefect state (Failed: TooManyFailures)
+    samples: pa.Table  # dest/_runs/<run>/samples.parquet
+
+
+@pytest.fixture(scope="module")
+def bad_inputs_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> BadInputsRun:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    source, dest = root / "source", root / "dest"
+    source.mkdir()
+    for name, (data, _) in {**good_inputs(), **bad_inputs()}.items():
+        (source / name).write_bytes(data)
+    state = restore_archive(
+        str(source), str(dest), steps=3, samples=1, max_failures=1, return_state=True
+    )
+    run_id = str(state.state_details.flow_run_id)
+    samples = pq.read_table(dest / "_runs" / run_id / "samples.parquet")
+    return BadInputsRun(source, dest, run_id, state, samples)
+
+
+def read_artifact(flow_run_id: str, key: str) -> Any:
+    """The artifact with `key` that the flow run `flow_run_id` created (exactly one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]),
+            )
+        )
+    assert len(found) == 1, f"expected one {key!r} artifact for run {flow_run_id}, got {found}"
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------------
+# S3 to S3
+
+
+def _s3_client(server: Any) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+def _s3_keys(client: Any, bucket: str, prefix: str) -> set[str]:
+    keys: set[str] = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+    return keys
+
+
+def _credentials_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Point the AWS credential chain at `env` only (no profile, no second endpoint)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_s3_to_s3_run_writes_samples_checks_and_manifests_readable_with_pyarrow(
+    prefect_harness, seaweedfs, monkeypatch
+):
+    import pyarrow.fs as pafs
+
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    client = _s3_client(seaweedfs)
+    inputs = {  # key under the source prefix -> example file
+        "astronaut-16.png": "astronaut-16.png",
+        "astronaut-8.png": "astronaut-8.png",
+        "1950s/grace-hopper-16.png": "grace-hopper-16.png",
+        "1950s/grace-hopper-8.png": "grace-hopper-8.png",
+    }
+    for key, name in inputs.items():
+        client.put_object(
+            Bucket="pulse-source", Key=f"{prefix}/{key}", Body=(EXAMPLES / name).read_bytes()
+        )
+    _credentials_from_env(monkeypatch, seaweedfs.env())
+
+    summary = restore_archive(
+        seaweedfs.url("pulse-source", prefix) + "/",
+        seaweedfs.url("pulse-dest", prefix) + "/",
+        **FAST,
+    )
+
+    assert (summary.found, summary.attempted, summary.ok, summary.failed) == (4, 4, 4, 0)
+    run = summary.run_id
+    assert summary.samples_key == f"s3://pulse-dest/{prefix}/_runs/{run}/samples.parquet"
+    written = _s3_keys(client, "pulse-dest", f"{prefix}/")
+    expected = {f"_runs/{run}/samples.parquet", f"_runs/{run}/losses.parquet"}
+    for key in inputs:
+        stem = key.rsplit(".", 1)[0]
+        expected.add(f"{stem}/sheet.png")
+        for k in range(FAST["samples"]):
+            expected |= {f"{stem}/sample-{k}.png", f"{stem}/sample-{k}-lr.png"}
+    assert expected <= written
+    assert not [k for k in written if "/parts/" in k], "batch parts are merged, then deleted"
+    for key in inputs:  # HR at the generator's size; its LR check at the input's size
+        stem, lr_side = key.rsplit(".", 1)[0], int(key.rsplit("-", 1)[1].split(".")[0])
+        hr = client.get_object(Bucket="pulse-dest", Key=f"{prefix}/{stem}/sample-0.png")
+        lr = client.get_object(Bucket="pulse-dest", Key=f"{prefix}/{stem}/sample-0-lr.png")
+        assert Image.open(io.BytesIO(hr["Body"].read())).size == (64, 64)
+        assert Image.open(io.BytesIO(lr["Body"].read())).size == (lr_side, lr_side)
+
+    endpoint = urlsplit(seaweedfs.endpoint_url)
+    fs = pafs.S3FileSystem(
+        access_key=seaweedfs.access_key,
+        secret_key=seaweedfs.secret_key,
+        endpoint_override=endpoint.netloc,
+        scheme=endpoint.scheme,
+        region=seaweedfs.region,
+    )
+    index = ds.dataset(
+        f"pulse-dest/{prefix}/_manifest/samples", format="parquet", filesystem=fs
+    ).to_table()
+    assert sorted(identities(index)) == sorted(
+        (key, k) for key in inputs for k in range(FAST["samples"])
+    )
+    assert set(index["status"].to_pylist()) == {"ok"}
+    assert set(index["run_id"].to_pylist()) == {run}
+    losses = pq.read_table(f"pulse-dest/{prefix}/_runs/{run}/losses.parquet", filesystem=fs)
+    samples = pq.read_table(f"pulse-dest/{prefix}/_runs/{run}/samples.parquet", filesystem=fs)
+    assert losses.num_rows == sum(samples["steps_run"].to_pylist()) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Resumability and idempotence
+
+
+def test_rerun_of_a_finished_dest_does_nothing(restored_folder, tmp_path):
+    dest = copy_of(restored_folder, tmp_path)
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*.png"))
+
+    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+
+    assert (summary.found, summary.skipped, summary.attempted) == (4, 4, 0)
+    assert summary.samples_key == ""  # no run manifest for a run that restored nothing
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*.png")) == before
+
+
+def test_rerun_redoes_only_the_input_whose_output_is_missing(restored_folder, tmp_path):
+    dest = copy_of(restored_folder, tmp_path)
+    (dest / "astronaut-16" / "sample-1.png").unlink()
+
+    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+
+    assert (summary.attempted, summary.skipped, summary.ok) == (1, 3, 1)
+    assert [k for k, _ in summary.failures] == []
+    assert (dest / "astronaut-16" / "sample-1.png").is_file()
+    index = index_of(dest)
+    assert sorted(identities(index)) == sorted(
+        (key, k) for key in EXAMPLE_KEYS for k in range(FAST["samples"])
+    ), "one row per (input, sample): the superseded rows were reconciled away"
+    redone = {r["input_key"] for r in index.to_pylist() if r["run_id"] == summary.run_id}
+    assert redone == {"astronaut-16.png"}
+
+
+def test_force_redoes_every_input_without_duplicating_index_rows(restored_folder, tmp_path):
+    dest = copy_of(restored_folder, tmp_path)
+
+    summary = restore_archive(str(EXAMPLES), str(dest), force=True, **FAST)
+
+    assert (summary.attempted, summary.skipped, summary.ok) == (4, 0, 4)
+    index = index_of(dest)
+    keys = identities(index)
+    assert len(keys) == len(set(keys)) == len(EXAMPLE_KEYS) * FAST["samples"]
+    assert set(index["run_id"].to_pylist()) == {summary.run_id}
+    assert len(list((dest / "_runs").glob("*/samples.parquet"))) == 2  # history is kept
+
+
+@pytest.mark.parametrize("dest_name", [".", "restored"], ids=["dest-is-source", "dest-in-source"])
+def test_outputs_written_inside_the_source_are_never_taken_for_inputs(
+    prefect_harness, tmp_path, dest_name
+):
+    archive = tmp_path / "archive"
+    shutil.copytree(EXAMPLES, archive)
+    dest = archive / dest_name
+    first = restore_archive(str(archive), str(dest), steps=3, samples=1)
+
+    again = restore_archive(str(archive), str(dest), steps=3, samples=1)
+
+    assert (first.found, first.ok) == (4, 4)
+    assert (again.found, again.skipped, again.attempted) == (4, 4, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_every_good_input_is_restored_whatever_its_encoding(bad_inputs_run):
+    rows = {r["input_key"]: r for r in bad_inputs_run.samples.to_pylist()}
+    for name, (_, conversion) in good_inputs().items():
+        row = rows[name]
+        assert row["status"] == "ok", f"{name}: {row['error']}"
+        assert conversion in " | ".join(row["conversions"]), (name, row["conversions"])
+        stem = name.rsplit(".", 1)[0]
+        assert (bad_inputs_run.dest / stem / "sample-0.png").is_file()
+        assert (bad_inputs_run.dest / stem / "sheet.png").is_file()
+    assert rows["portrait.png"]["fit_box"] == {"left": 0, "top": 4, "right": 16, "bottom": 20}
+    assert rows["grey8.png"]["lr_width"] == 8 and rows["grey8.png"]["factor"] == 8
+
+
+def test_every_bad_input_is_a_failed_row_with_its_reason(bad_inputs_run):
+    rows = {r["input_key"]: r for r in bad_inputs_run.samples.to_pylist()}
+    assert set(rows) == set(good_inputs()) | set(bad_inputs())
+    for name, (_, words) in bad_inputs().items():
+        row = rows[name]
+        assert row["status"] == "failed" and row["output_key"] is None
+        for word in words:
+            assert word in row["error"], f"{name}: {word!r} not in {row['error']!r}"
+        assert not (bad_inputs_run.dest / name.rsplit(".", 1)[0]).exists()
+
+
+def test_too_many_failures_fail_the_run_only_after_everything_is_written(bad_inputs_run):
+    state = bad_inputs_run.state
+    assert state.is_failed()
+    with pytest.raises(TooManyFailures, match=r"6 input\(s\) failed \(max_failures=1\)"):
+        state.result()
+    run_dir = bad_inputs_run.dest / "_runs" / bad_inputs_run.flow_run_id
+    assert (run_dir / "samples.parquet").is_file() and (run_dir / "losses.parquet").is_file()
+    assert not list(run_dir.glob("parts/*")), "parts were merged before the run failed"
+    index = index_of(bad_inputs_run.dest)
+    assert index.num_rows == len(good_inputs()) + len(bad_inputs())
+
+
+def test_report_artifact_lists_every_failed_input_with_its_reason(bad_inputs_run):
+    report = read_artifact(bad_inputs_run.flow_run_id, f"{RUN_KEY}-report").data
+    assert "## Failures" in report
+    failures = report.split("## Failures", 1)[1]
+    for name, (_, words) in bad_inputs().items():
+        line = next(line for line in failures.splitlines() if f"`{name}`" in line)
+        assert words[0] in line
+    for name in good_inputs():
+        assert f"`{name}`" not in failures
+
+
+def test_run_publishes_progress_table_and_report_artifacts(bad_inputs_run):
+    run = bad_inputs_run.flow_run_id
+    progress = read_artifact(run, f"{RUN_KEY}-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    table = read_artifact(run, f"{RUN_KEY}-results")
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    status = {r["input"]: r["status"] for r in rows}
+    assert status == {
+        **dict.fromkeys(good_inputs(), "ok"),
+        **dict.fromkeys(bad_inputs(), "failed"),
+    }
+    report = read_artifact(run, f"{RUN_KEY}-report")
+    assert report.type == "markdown" and f"# Restore run {run}" in report.data
+
+
+def test_failed_inputs_are_retried_by_the_next_run_and_tolerated_up_to_max_failures(
+    bad_inputs_run, tmp_path
+):
+    dest = copy_of(bad_inputs_run.dest, tmp_path)
+
+    summary = restore_archive(
+        str(bad_inputs_run.source), str(dest), steps=3, samples=1, max_failures=len(bad_inputs())
+    )
+
+    assert summary.skipped == len(good_inputs())
+    assert summary.attempted == summary.failed == len(bad_inputs())
+    assert {k for k, _ in summary.failures} == set(bad_inputs())
+
+
+# --------------------------------------------------------------------------------------------
+# Storage settings
+
+
+def test_wrong_credentials_fail_clearly_before_any_work(prefect_harness, seaweedfs, monkeypatch):
+    prefix = f"badcreds-{uuid.uuid4().hex[:8]}"
+    client = _s3_client(seaweedfs)
+    client.put_object(
+        Bucket="pulse-source",
+        Key=f"{prefix}/astronaut-8.png",
+        Body=(EXAMPLES / "astronaut-8.png").read_bytes(),
+    )
+    wrong_secret = "not-the-secret-" + uuid.uuid4().hex
+    _credentials_from_env(monkeypatch, {**seaweedfs.env(), "AWS_SECRET_ACCESS_KEY": wrong_secret})
+
+    with pytest.raises(StorageError, match="access denied") as caught:
+        restore_archive(
+            seaweedfs.url("pulse-source", prefix), seaweedfs.url("pulse-dest", prefix), **FAST
+        )
+
+    message = str(caught.value)
+    assert "AWS_SECRET_ACCESS_KEY" in message and wrong_secret not in message
+    assert _s3_keys(client, "pulse-dest", f"{prefix}/") == set()
+
+
+@pytest.mark.parametrize("missing", ["source", "dest"])
+def test_a_missing_bucket_fails_clearly_before_any_work(
+    prefect_harness, seaweedfs, monkeypatch, missing
+):
+    prefix = f"nobucket-{uuid.uuid4().hex[:8]}"
+    client = _s3_client(seaweedfs)
+    client.put_object(
+        Bucket="pulse-source",
+        Key=f"{prefix}/astronaut-8.png",
+        Body=(EXAMPLES / "astronaut-8.png").read_bytes(),
+    )
+    _credentials_from_env(monkeypatch, seaweedfs.env())
+    urls = {
+        "source": seaweedfs.url("pulse-source", prefix),
+        "dest": seaweedfs.url("pulse-dest", prefix),
+    }
+    urls[missing] = f"s3://pulse-missing-{uuid.uuid4().hex[:8]}/{prefix}"
+
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        restore_archive(urls["source"], urls["dest"], **FAST)
+
+    assert "create it or fix the URL" in str(caught.value)
+    assert _s3_keys(client, "pulse-dest", f"{prefix}/") == set()
+
+
+# --------------------------------------------------------------------------------------------
+# `pulse run`
+
+
+def _run_cli(source: Path, dest: Path, *extra: str) -> int:
+    return main(["run", str(source), str(dest), "--steps", "3", "--samples", "1", *extra])
+
+
+def test_pulse_run_restores_a_folder_and_prints_the_manifest_path(
+    prefect_harness, tmp_path, capsys
+):
+    dest = tmp_path / "dest"
+
+    code = _run_cli(EXAMPLES, dest)
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4 restored, 0 failed, 0 already done (of 4 found)" in out
+    manifest = next(line for line in out.splitlines() if line.startswith("samples manifest:"))
+    path = Path(manifest.split(":", 1)[1].strip())
+    assert path.is_file() and path.name == "samples.parquet" and dest in path.parents
+    assert pq.read_table(path).num_rows == 4
+
+
+def test_pulse_run_json_output_parses(prefect_harness, tmp_path, capsys):
+    dest = tmp_path / "dest"
+
+    code = _run_cli(EXAMPLES, dest, "--limit", "1", "--json")
+
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (summary["found"], summary["attempted"], summary["ok"]) == (4, 1, 1)
+    assert Path(summary["samples_key"]).is_file()
+
+
+def test_pulse_run_exits_1_and_names_the_inputs_when_too_many_fail(
+    prefect_harness, tmp_path, capsys
+):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "empty.png").write_bytes(b"")
+
+    code = _run_cli(source, tmp_path / "dest")
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "1 input(s) failed (max_failures=0)" in err and "empty.png" in err
