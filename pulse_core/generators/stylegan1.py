@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,149 @@ from pulse_core.errors import ModelFileError
 from pulse_core.generators.base import Generator
 
 SQRT2 = math.sqrt(2.0)
+_T = TypeVar("_T")
+
+# ----------------------------------------------------------------------------
+# Fast path (on by default, `StyleGAN1Synthesis.use_fast_path(False)` restores the plain code).
+#
+# The search only differentiates w.r.t. the inputs (w, noise) of a frozen network, so:
+# - tensors derived from the weights (scaled weights, composed kernels) are built once and kept in
+#   a plain attribute (never in the state_dict), rebuilt when a source tensor changes (its version
+#   counter moves on `load_state_dict`/in-place edits; `.to()` gives new storage);
+# - the upsampling conv runs as one stride-2 transposed conv with the 4x4 kernel made of the 3x3
+#   kernel's four 1-pixel shifts (the reference's fused formula; for the nearest-upsampling path
+#   the kernel is flipped first, which makes it equal to upsample + 3x3 conv), then the blur as a
+#   depthwise conv that also adds the bias;
+# - the epilogue (noise, LeakyReLU, instance norm, style) is one autograd Function with a
+#   hand-written backward: fewer full-resolution passes and temporaries than autograd's graph;
+# - on the CPU activations are channels-last (oneDNN's convs are several times faster on the
+#   16..64-channel high-resolution layers in that layout).
+# Every rewrite is the same math as the reference up to float32 rounding; the reference
+# formulation is kept below each fast branch and tests/test_stylegan1_fast_path.py compares them.
+
+
+def _derived(
+    module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], _T]
+) -> _T:
+    """`build()` cached on `module` while every source tensor is unchanged and frozen."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return build()  # weights being trained: derive them inside the graph every call
+    try:
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+        return build()
+    cache: dict[str, tuple[tuple, Any]] = module.__dict__.setdefault("_derived_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    cache[name] = (key, value)
+    return value
+
+
+def _shift_sum_kernel(w: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) -> (in, out, 4, 4): the kernel's four 1-pixel shifts summed (section 8)."""
+    w = F.pad(w.permute(1, 0, 2, 3), (1, 1, 1, 1))
+    return w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]
+
+
+def _use_channels_last(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.ndim == 4
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over H, W of a * b per (n, c), as (N, C, 1, 1).
+
+    Measured against bmm/einsum formulations (either layout): the plain product and sum wins.
+    """
+    return (a * b).sum(dim=(2, 3), keepdim=True)
+
+
+def _instance_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (n, c) mean and biased variance over H, W, both (N, C, 1, 1).
+
+    Large maps: the batch-norm statistics kernel `F.instance_norm` itself uses, on a
+    (1, N*C, H, W) view (channels-last: one sample at a time, so nothing is copied). It always
+    opens a parallel region (one task per channel), which costs tens of ms on a busy 2-core
+    machine whatever the size, so small maps (16x16 and below at 512 channels) use a plain
+    two-pass mean / mean of squared deviations instead. Other devices: `torch.var_mean`.
+    """
+    n, c, h, w = y.shape
+    if y.device.type != "cpu":
+        var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False, keepdim=True)
+        return mean, var
+    if c * h * w <= 1 << 17:
+        mean = y.mean(dim=(2, 3), keepdim=True)
+        d = y - mean
+        return mean, (d * d).mean(dim=(2, 3), keepdim=True)
+    if y.is_contiguous():
+        mean, var = torch.batch_norm_update_stats(y.view(1, n * c, h, w), None, None, 0.0)
+    else:
+        stats = [torch.batch_norm_update_stats(y[i : i + 1], None, None, 0.0) for i in range(n)]
+        mean = torch.cat([m for m, _ in stats])
+        var = torch.cat([v for _, v in stats])
+    return mean.view(n, c, 1, 1), var.view(n, c, 1, 1)
+
+
+class _FusedEpilogue(torch.autograd.Function):
+    """out = IN(leaky_0.2(x + nw * noise)) * (s0 + 1) + s1 with a hand-written backward.
+
+    Gradients flow to x, noise and style (N, 2, C); the noise strength nw must be frozen.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        noise: torch.Tensor,
+        noise_weight: torch.Tensor,
+        style: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        n, c = x.shape[:2]
+        y = torch.addcmul(x, noise_weight.view(1, c, 1, 1), noise)
+        F.leaky_relu_(y, 0.2)
+        mean, var = _instance_stats(y)
+        rstd = 1.0 / torch.sqrt(var + eps)
+        gamma = style[:, 0].reshape(n, c, 1, 1) + 1.0
+        scale = gamma * rstd
+        shift = style[:, 1].reshape(n, c, 1, 1) - mean * scale
+        out = torch.addcmul(shift, y, scale)
+        ctx.save_for_backward(y, noise_weight, mean, rstd, scale)
+        ctx.noise_shape = noise.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        y, noise_weight, mean, rstd, scale = ctx.saved_tensors
+        n, c, h, w = y.shape
+        need_x, need_noise, _, need_style, _ = ctx.needs_input_grad
+        sum_g = grad.sum(dim=(2, 3), keepdim=True)
+        # sum(g * x_hat) with x_hat = (y - mean) * rstd
+        sum_gx = (_channel_dot(grad, y) - mean * sum_g) * rstd
+        g_style = None
+        if need_style:
+            g_style = torch.stack([sum_gx.view(n, c), sum_g.view(n, c)], dim=1)
+        if not (need_x or need_noise):
+            return None, None, None, g_style, None
+        # instance-norm backward with the style's (s0 + 1) as gamma:
+        # dy = gamma * rstd * (g - mean(g) - x_hat * mean(g * x_hat)) = k1 * g + k2 * y + k3
+        hw = h * w
+        k2 = -scale * rstd * (sum_gx / hw)
+        k3 = -scale * (sum_g / hw) - k2 * mean
+        dy = torch.addcmul(k3, grad, scale)
+        dy.addcmul_(y, k2)
+        # LeakyReLU backward from its output: the slope is positive, so y > 0 iff its input > 0
+        dx = torch.ops.aten.leaky_relu_backward(dy, y, 0.2, True)
+        del dy
+        g_noise = None
+        if need_noise:
+            g_noise = (dx * noise_weight.view(1, c, 1, 1)).sum(dim=1, keepdim=True)
+            g_noise = g_noise.sum_to_size(ctx.noise_shape)
+        return (dx if need_x else None), g_noise, None, g_style, None
+
 
 # ----------------------------------------------------------------------------
 
@@ -40,8 +185,18 @@ class EqualLinear(nn.Module):
         self.w_mul = gain * in_features**-0.5 * lrmul
         self.b_mul = lrmul
 
+    def scaled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight * w_mul, bias * b_mul), cached while the layer is frozen."""
+        return _derived(
+            self,
+            "scaled",
+            (self.weight, self.bias),
+            lambda: (self.weight * self.w_mul, self.bias * self.b_mul),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.w_mul, self.bias * self.b_mul)
+        w, b = self.scaled()
+        return F.linear(x, w, b)
 
 
 # ----------------------------------------------------------------------------
@@ -64,6 +219,8 @@ class Blur(nn.Module):
 class EqualConv2d(nn.Module):
     """Conv with equalised learning rate; optionally upsampling x2 first and blurring after."""
 
+    fast_path = True  # see the "Fast path" notes above; set per instance by use_fast_path
+
     def __init__(
         self,
         in_channels: int,  # input feature maps
@@ -80,22 +237,55 @@ class EqualConv2d(nn.Module):
         self.upsample = upsample
         self.intermediate = Blur() if upsample else None
 
+    @staticmethod
+    def fused_upsample(side_in: int) -> bool:
+        """The reference's switch: fused transposed conv when the output side is >= 128."""
+        return side_in * 2 >= 128
+
+    def scaled_weight(self) -> torch.Tensor:
+        return _derived(self, "w", (self.weight,), lambda: self.weight * self.w_mul)
+
+    def upsample_kernels(self, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(4x4 transposed-conv kernel (in, out, 4, 4), depthwise blur kernel (out, 1, 3, 3)).
+
+        fused: the reference's own kernel. Not fused (nearest x2, then the 3x3 conv): the same
+        construction on the 180-degree-rotated kernel, which is exactly that composition.
+        """
+        assert self.intermediate is not None
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            w = self.weight * self.w_mul
+            k4 = _shift_sum_kernel(w if fused else w.flip(2, 3)).contiguous()
+            c = self.weight.shape[0]
+            blur = self.intermediate.kernel.expand(c, 1, 3, 3).contiguous()
+            return k4, blur
+
+        return _derived(self, f"up{int(fused)}", (self.weight, self.intermediate.kernel), build)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path:
+            return self._forward_fast(x)
         w = self.weight * self.w_mul
         if not self.upsample:
             return F.conv2d(x, w, self.bias, padding=self.kernel_size // 2)
-        if min(x.shape[2:]) * 2 >= 128:
+        if self.fused_upsample(min(x.shape[2:])):
             # Fused upsample+conv: the 3x3 kernel summed over its four 1-pixel shifts gives a
             # 4x4 kernel for a stride-2 transposed conv (what the original TF graph does).
-            w = F.pad(w.permute(1, 0, 2, 3), (1, 1, 1, 1))
-            w = w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]
-            x = F.conv_transpose2d(x, w, stride=2, padding=1)
+            x = F.conv_transpose2d(x, _shift_sum_kernel(w), stride=2, padding=1)
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = F.conv2d(x, w, padding=self.kernel_size // 2)
         assert self.intermediate is not None
         x = self.intermediate(x)
         return x + self.bias.view(1, -1, 1, 1)
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.upsample:
+            return F.conv2d(x, self.scaled_weight(), self.bias, padding=self.kernel_size // 2)
+        k4, blur = self.upsample_kernels(self.fused_upsample(min(x.shape[2:])))
+        x = F.conv_transpose2d(x, k4, stride=2, padding=1)
+        # the blur, then + bias, as one depthwise conv
+        return F.conv2d(x, blur, self.bias, padding=1, groups=blur.shape[0])
 
 
 # ----------------------------------------------------------------------------
@@ -127,12 +317,18 @@ class StyleMod(nn.Module):
 class Epilogue(nn.Module):
     """noise -> LeakyReLU(0.2) -> InstanceNorm -> style modulation."""
 
+    fast_path = True
+
     def __init__(self, channels: int, w_dim: int) -> None:
         super().__init__()
         self.noise = NoiseInput(channels)
         self.style_mod = StyleMod(w_dim, channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        nw = self.noise.weight
+        if self.fast_path and not (nw.requires_grad and torch.is_grad_enabled()):
+            style = self.style_mod.lin(w).view(-1, 2, x.shape[1])
+            return _FusedEpilogue.apply(x, noise.to(x.dtype), nw, style, 1e-5)
         x = self.noise(x, noise)
         x = F.leaky_relu(x, 0.2)
         x = F.instance_norm(x, eps=1e-5)
@@ -141,6 +337,8 @@ class Epilogue(nn.Module):
 
 class InputBlock(nn.Module):
     """4x4: learned constant + bias, epilogue, 3x3 conv, epilogue."""
+
+    fast_path = True
 
     def __init__(self, channels: int, w_dim: int) -> None:
         super().__init__()
@@ -152,6 +350,8 @@ class InputBlock(nn.Module):
 
     def forward(self, batch: int, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
         x = self.const.expand(batch, -1, -1, -1) + self.bias.view(1, -1, 1, 1)
+        if self.fast_path and _use_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.epi1(x, w[:, 0], noise[0])
         x = self.conv(x)
         return self.epi2(x, w[:, 1], noise[1])
@@ -216,6 +416,26 @@ class StyleGAN1Synthesis(nn.Module):
     def num_layers(self) -> int:
         return 2 * len(self.blocks)
 
+    @property
+    def fast_path(self) -> bool:
+        return bool(self.torgb.fast_path)
+
+    def use_fast_path(self, enabled: bool = True) -> StyleGAN1Synthesis:
+        """Switch between the optimised formulation (default) and the plain reference code."""
+        for m in self.modules():
+            if isinstance(m, EqualConv2d | Epilogue | InputBlock):
+                m.fast_path = enabled
+        return self
+
+    def clear_cache(self) -> None:
+        """Drop the tensors derived from the weights (they are rebuilt on the next forward)."""
+        for m in self.modules():
+            m.__dict__.pop("_derived_cache", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()  # .to() / .float() etc.: do not keep derived tensors on the old device
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
         assert w.ndim == 3 and w.shape[1] == self.num_layers, f"w must be (B, {self.num_layers}, D)"
         assert len(noise) == self.num_layers, f"need {self.num_layers} noise maps"
@@ -223,7 +443,8 @@ class StyleGAN1Synthesis(nn.Module):
         for i, block in enumerate(self.blocks.values()):
             ws, ns = w[:, 2 * i : 2 * i + 2], noise[2 * i : 2 * i + 2]
             x = block(w.shape[0], ws, ns) if i == 0 else block(x, ws, ns)
-        return self.torgb(x)
+        # the fast path runs channels-last on the CPU; callers get the usual contiguous layout
+        return self.torgb(x).contiguous()
 
 
 class StyleGAN1Mapping(nn.Module):
