@@ -51,6 +51,10 @@ class SampleResult:
     latent: torch.Tensor  # best latent, for reproduction and resampling
     noise: list[torch.Tensor]  # best noise maps (each (1, h, w))
     seconds: float  # share of the batch's wall time
+    attempt: int = 0  # which restart of this input produced it (its seed derives from it)
+    selected: bool = True  # among the `samples` returned; False: a recorded extra attempt
+    intermediate_layers: tuple[str, ...] = ()  # split points offset (intermediate mode)
+    intermediate_radius: float | None = None  # their ball radius, relative to feature norms
 
 
 @dataclass
@@ -60,18 +64,30 @@ class RestoreResult:
     key: str  # the input's name (file key or caller's label)
     lr: torch.Tensor  # (3, h, w) the input as searched
     factor: int
-    samples: list[SampleResult] = field(default_factory=list)
+    samples: list[SampleResult] = field(default_factory=list)  # the selected ones, by index
+    extra_attempts: list[SampleResult] = field(default_factory=list)  # restarts not selected
 
     @property
     def converged(self) -> int:
         return sum(s.converged for s in self.samples)
 
+    @property
+    def attempts(self) -> list[SampleResult]:
+        """Every search run for this input, selected or not."""
+        return [*self.samples, *self.extra_attempts]
+
+    @property
+    def steps_spent(self) -> int:
+        return sum(s.steps_run for s in self.attempts)
+
     def best(self) -> SampleResult:
         """The converged sample with the lowest total, else the one with the lowest MSE."""
-        return min(
-            self.samples,
-            key=lambda s: (not s.converged, s.terms["TOTAL"] if s.converged else s.mse),
-        )
+        return min(self.samples, key=_quality)
+
+
+def _quality(s: SampleResult) -> tuple[bool, float]:
+    """Sort key: converged first (by total loss), then the rest by LR error."""
+    return (not s.converged, s.terms["TOTAL"] if s.converged else s.mse)
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,7 @@ def restore(
     key: str = "input",
     resample: int = 0,
     resample_steps: int = 30,
+    step_budget: int | None = None,
     batch_size: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> RestoreResult:
@@ -133,6 +150,7 @@ def restore(
         seed=seed,
         resample=resample,
         resample_steps=resample_steps,
+        step_budget=step_budget,
         batch_size=batch_size,
         on_step=on_step,
     )[0]
@@ -148,6 +166,7 @@ def restore_many(
     seed: int = 0,
     resample: int = 0,
     resample_steps: int = 30,
+    step_budget: int | None = None,
     batch_size: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> list[RestoreResult]:
@@ -155,6 +174,11 @@ def restore_many(
 
     `samples` per input, of which `resample` are noise resamples of the best restart (needs a
     generator with noise inputs). Rows are grouped by LR size and cut into `batch_size` rows.
+
+    `step_budget` (optimiser steps per input, over all its restarts; None = one round only):
+    while an input has fewer converged restarts than it needs and its budget allows another
+    `config.steps`, it gets new restarts (new seeds). The best restarts are returned as the
+    samples, converged first; the others are kept in `extra_attempts`, so nothing is lost.
     """
     config = (config or SearchConfig.reference()).validate()
     if samples < 1:
@@ -186,12 +210,38 @@ def restore_many(
         results.append(RestoreResult(key=key, lr=img, factor=generator.resolution // h))
 
     restarts = samples - resample
+    if step_budget is not None and step_budget < restarts * config.steps:
+        raise ConfigError(
+            f"step_budget {step_budget} is below one round of {restarts} restart(s) x "
+            f"{config.steps} steps = {restarts * config.steps}"
+        )
+    attempts: list[list[SampleResult]] = [[] for _ in images]
     jobs = [
         SampleJob(i, k, sample_seed(seed, keys[i], k))
         for i in range(len(images))
         for k in range(restarts)
     ]
-    _run_jobs(jobs, results, generator, config, batch_size, on_step, init_of=None)
+    while jobs:
+        _run_jobs(jobs, attempts, results, generator, config, batch_size, on_step, init_of=None)
+        jobs = []
+        for i, tried in enumerate(attempts):
+            need = restarts - sum(a.converged for a in tried)
+            if step_budget is None or need <= 0:
+                continue
+            left = step_budget - sum(a.steps_run for a in tried)
+            more = min(need, left // config.steps)
+            jobs += [
+                SampleJob(i, a, sample_seed(seed, keys[i], a))
+                for a in range(len(tried), len(tried) + more)
+            ]
+    for res, tried in zip(results, attempts, strict=True):
+        ranked = sorted(tried, key=_quality)
+        for k, s in enumerate(ranked[:restarts]):
+            s.index = k
+        for j, s in enumerate(ranked[restarts:]):
+            s.index, s.selected = samples + j, False
+        res.samples = ranked[:restarts]
+        res.extra_attempts = ranked[restarts:]
 
     if resample:
         refine = config.with_(
@@ -213,7 +263,10 @@ def restore_many(
             rng = torch.Generator().manual_seed(job.seed)
             return parents[job.input_index].latent[None], draw_noise(generator, refine, rng)
 
-        _run_jobs(jobs, results, generator, refine, batch_size, on_step, init_of=init_of)
+        extra: list[list[SampleResult]] = [[] for _ in images]
+        _run_jobs(jobs, extra, results, generator, refine, batch_size, on_step, init_of=init_of)
+        for res, made in zip(results, extra, strict=True):
+            res.samples += made
     for res in results:
         res.samples.sort(key=lambda s: s.index)
     return results
@@ -221,6 +274,7 @@ def restore_many(
 
 def _run_jobs(
     jobs: list[SampleJob],
+    into: list[list[SampleResult]],
     results: list[RestoreResult],
     generator: Generator,
     config: SearchConfig,
@@ -251,10 +305,13 @@ def _run_jobs(
             out = search(generator, targets, init, config, on_step=on_step)
             share = (time.perf_counter() - t0) / len(chunk)
             for row, job in enumerate(chunk):
-                results[job.input_index].samples.append(_sample_from(out, row, job, share))
+                into[job.input_index].append(_sample_from(out, row, job, share, config))
 
 
-def _sample_from(out: SearchResult, row: int, job: SampleJob, seconds: float) -> SampleResult:
+def _sample_from(
+    out: SearchResult, row: int, job: SampleJob, seconds: float, config: SearchConfig
+) -> SampleResult:
+    steps = int(out.row_steps[row]) if out.row_steps.numel() else out.steps_run
     return SampleResult(
         index=job.sample_index,
         seed=job.seed,
@@ -266,9 +323,12 @@ def _sample_from(out: SearchResult, row: int, job: SampleJob, seconds: float) ->
         mse=float(out.mse[row]),
         terms={k: float(v[row]) for k, v in out.terms.items()},
         best_step=int(out.best_step[row]),
-        steps_run=out.steps_run,
-        history={k: v[:, row].tolist() for k, v in out.history.items()},
+        steps_run=steps,
+        history={k: v[:steps, row].tolist() for k, v in out.history.items()},
         latent=out.latent[row],
         noise=[m[row] for m in out.noise],
         seconds=seconds,
+        attempt=job.sample_index,
+        intermediate_layers=tuple(config.intermediate_layers),
+        intermediate_radius=config.intermediate_radius if config.intermediate_layers else None,
     )

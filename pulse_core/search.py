@@ -11,6 +11,7 @@ returned flagged with its losses, and nothing is tied to a device.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -23,6 +24,7 @@ import torch
 from pulse_core.downscale import OPERATORS, downscale
 from pulse_core.errors import ConfigError
 from pulse_core.generators.base import Generator
+from pulse_core.layers import FeatureOffsets
 from pulse_core.losses import DEFAULT_LOSS, compute_loss, mse_per_sample, parse_loss
 from pulse_core.schedules import OPTIMIZERS, check_schedule, lr_factor, make_optimizer
 
@@ -44,7 +46,10 @@ class SearchConfig:
     trainable_noise_layers: int = 5  # with noise_mode=trainable: the first k maps are optimised
     zeroed_noise_layers: tuple[int, ...] | None = None  # forced to zero; None = the last layer
     tile_latent: bool = False  # one latent (B, 1, D) broadcast to every style input
-    early_stop: bool = False  # stop once every sample of the batch has converged
+    early_stop: bool = False  # freeze each sample once it converged; stop when all have
+    intermediate_layers: tuple[str, ...] = ()  # split points to offset (Generator.feature_layers)
+    intermediate_radius: float = 0.2  # each offset's ball, relative to its feature map's norm
+    intermediate_start: float = 1 / 3  # fraction of the steps before the first layer switches on
 
     @classmethod
     def reference(cls) -> SearchConfig:
@@ -72,6 +77,12 @@ class SearchConfig:
             )
         if self.trainable_noise_layers < 0:
             raise ConfigError("trainable_noise_layers must be >= 0")
+        if self.intermediate_radius <= 0:
+            raise ConfigError(f"intermediate_radius must be > 0, got {self.intermediate_radius}")
+        if not 0 <= self.intermediate_start < 1:
+            raise ConfigError(
+                f"intermediate_start must be in [0, 1), got {self.intermediate_start}"
+            )
         check_schedule(self.schedule)
         parse_loss(self.loss)
         return self
@@ -217,6 +228,8 @@ class SearchResult:
     terms: dict[str, torch.Tensor]  # (N,) each loss term and TOTAL at the best iterate
     converged: torch.Tensor  # (N,) bool: best MSE <= eps
     steps_run: int  # steps the batch ran (fewer than config.steps after an early stop)
+    row_steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # (N,) steps each sample was optimised (a frozen, converged sample stops counting)
     history: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (steps_run, N)
     seconds: float = 0.0
 
@@ -269,6 +282,18 @@ def search(
     with torch.no_grad():
         radii = [sphere_norm(p) for p in params]
     opt = make_optimizer(config.optimizer, params, config.learning_rate)
+    offsets = (
+        FeatureOffsets(
+            generator,
+            config.intermediate_layers,
+            config.intermediate_radius,
+            config.steps,
+            config.intermediate_start,
+        )
+        if config.intermediate_layers
+        else None
+    )
+    deltas: list[torch.Tensor] = []  # intermediate offsets, joined as their layers switch on
 
     best_total = torch.full((n,), float("inf"), device=device)
     best_conv = torch.zeros(n, dtype=torch.bool, device=device)
@@ -281,52 +306,81 @@ def search(
     best_noise = [m.detach().clone() for m in noise]
     history: dict[str, list[torch.Tensor]] = {"lr": [], "MSE": [], "TOTAL": []}
     history.update({name: [] for name in spec.names})
+    # Per-sample early stop: a converged row is frozen (its tensors pinned to the converged
+    # iterate after every optimiser step) and stops counting steps; the batch ends when all are.
+    frozen = torch.zeros(n, dtype=torch.bool, device=device)
+    pinned: dict[int, torch.Tensor] = {}  # id(param) -> values its frozen rows are pinned to
+    row_steps = torch.zeros(n, dtype=torch.long, device=device)
 
     steps_run = 0
-    for step in range(config.steps):
-        lr_now = config.learning_rate * lr_factor(config.schedule, step, config.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr_now
-        opt.zero_grad(set_to_none=True)
-        lat = latent.expand(-1, generator.num_latents, -1) if config.tile_latent else latent
-        w_in = generator.prior(lat)
-        image = (generator.synthesize(w_in, noise) + 1.0) / 2.0
-        lr_image = downscale(image, factor, config.operator)
-        values = compute_loss(spec, lr_image, target, w_in, config.eps)
-        values.total.sum().backward()
+    with offsets if offsets is not None else contextlib.nullcontext():
+        for step in range(config.steps):
+            if offsets is not None:
+                offsets.switch_on(step)
+            lr_now = config.learning_rate * lr_factor(config.schedule, step, config.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr_now
+            opt.zero_grad(set_to_none=True)
+            lat = latent.expand(-1, generator.num_latents, -1) if config.tile_latent else latent
+            w_in = generator.prior(lat)
+            image = (generator.synthesize(w_in, noise) + 1.0) / 2.0
+            lr_image = downscale(image, factor, config.operator)
+            values = compute_loss(spec, lr_image, target, w_in, config.eps)
+            values.total.sum().backward()
+            if offsets is not None:
+                for d in offsets.new_params():
+                    if not any(d is known for known in deltas):
+                        deltas.append(d)
+                        opt.add_param_group({"params": [d], "lr": lr_now})
 
-        with torch.no_grad():
-            mse = mse_per_sample(lr_image, target)
-            conv = mse <= config.eps
-            better = (conv & ~best_conv) | ((conv == best_conv) & (values.total < best_total))
-            best_total = torch.where(better, values.total, best_total)
-            best_conv = best_conv | conv
-            best_step = torch.where(better, torch.full_like(best_step, step), best_step)
-            best_mse = torch.where(better, mse, best_mse)
-            for name, v in values.terms.items():
-                prev = best_terms.get(name, torch.zeros_like(v))
-                best_terms[name] = torch.where(better, v, prev)
-            best_terms["TOTAL"] = best_total
-            sel = better.view(-1, 1, 1, 1)
-            best_hr = torch.where(sel, image, best_hr)
-            best_lr = torch.where(sel, lr_image, best_lr)
-            best_latent = torch.where(better.view(-1, 1, 1), latent, best_latent)
-            best_noise = [torch.where(sel, m, b) for m, b in zip(noise, best_noise, strict=True)]
-            history["lr"].append(torch.full((n,), lr_now))
-            history["MSE"].append(mse)
-            history["TOTAL"].append(values.total.detach())
-            for name, v in values.terms.items():
-                history[name].append(v.detach())
+            with torch.no_grad():
+                row_steps += (~frozen).long()
+                mse = mse_per_sample(lr_image, target)
+                conv = mse <= config.eps
+                better = (conv & ~best_conv) | ((conv == best_conv) & (values.total < best_total))
+                better &= ~frozen
+                best_total = torch.where(better, values.total, best_total)
+                best_conv = best_conv | (conv & ~frozen)
+                best_step = torch.where(better, torch.full_like(best_step, step), best_step)
+                best_mse = torch.where(better, mse, best_mse)
+                for name, v in values.terms.items():
+                    prev = best_terms.get(name, torch.zeros_like(v))
+                    best_terms[name] = torch.where(better, v, prev)
+                best_terms["TOTAL"] = best_total
+                sel = better.view(-1, 1, 1, 1)
+                best_hr = torch.where(sel, image, best_hr)
+                best_lr = torch.where(sel, lr_image, best_lr)
+                best_latent = torch.where(better.view(-1, 1, 1), latent, best_latent)
+                best_noise = [
+                    torch.where(sel, m, b) for m, b in zip(noise, best_noise, strict=True)
+                ]
+                history["lr"].append(torch.full((n,), lr_now))
+                history["MSE"].append(mse)
+                history["TOTAL"].append(values.total.detach())
+                for name, v in values.terms.items():
+                    history[name].append(v.detach())
+                if config.early_stop:
+                    newly = conv & ~frozen
+                    frozen |= conv
+                    for p in [*params, *deltas]:
+                        pin = pinned.setdefault(id(p), p.detach().clone())
+                        pin[newly] = p[newly]
 
-        opt.step()
-        with torch.no_grad():
-            for p, r in zip(params, radii, strict=True):
-                p.div_(sphere_norm(p)).mul_(r)
-        steps_run = step + 1
-        if on_step is not None:
-            on_step(step, config.steps, best_conv)
-        if config.early_stop and bool(best_conv.all()):
-            break
+            opt.step()
+            with torch.no_grad():
+                for p, r in zip(params, radii, strict=True):
+                    p.div_(sphere_norm(p)).mul_(r)
+                if offsets is not None:
+                    offsets.project()
+                if config.early_stop and bool(frozen.any()):
+                    for p in [*params, *deltas]:
+                        pin = pinned.setdefault(id(p), p.detach().clone())
+                        p[frozen] = pin[frozen]
+            steps_run = step + 1
+            if on_step is not None:
+                on_step(step, config.steps, best_conv)
+            if config.early_stop and bool(frozen.all()):
+                break
 
     cpu = torch.device("cpu")
     return SearchResult(
@@ -339,6 +393,7 @@ def search(
         terms={k: v.detach().to(cpu) for k, v in best_terms.items()},
         converged=best_conv.to(cpu) & (best_mse.to(cpu) <= config.eps),
         steps_run=steps_run,
+        row_steps=row_steps.to(cpu),
         history={k: torch.stack(v).to(cpu) for k, v in history.items()},
         seconds=time.perf_counter() - started,
     )

@@ -43,6 +43,14 @@ class Generator(nn.Module, ABC):
         """(H, W) of each per-layer noise input; empty when the network takes none."""
         return ()
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """Split points for the intermediate-layer search: name -> module, coarse to fine.
+
+        Each module's output (or the first element of a tuple output) is a feature map
+        (B, C, H, W) that an offset may be added to. Empty: the mode is not available.
+        """
+        return {}
+
     def prior(self, latent: torch.Tensor) -> torch.Tensor:
         """Map the optimised latent (B, L, D), kept on a sphere, to the network's input w.
 

@@ -53,6 +53,10 @@ class DCGANGenerator(Generator):
     def latent_dim(self) -> int:
         return self.nz
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The ReLU after each hidden block: 4x4, 8x8, 16x16, 32x32."""
+        return {f"{4 * 2**i}x{4 * 2**i}": self.main[3 * i + 2] for i in range(4)}
+
     def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
         assert w.ndim == 3 and w.shape[1:] == (1, self.nz), f"w must be (B, 1, {self.nz})"
         return self.main(w.reshape(w.shape[0], self.nz, 1, 1))

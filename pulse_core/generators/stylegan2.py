@@ -932,6 +932,10 @@ class StyleGAN2Generator(Generator):
             progress=progress,
         )
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """Each synthesis block's feature output (its (x, img) tuple's x): b4 ... bR."""
+        return {f"b{b.resolution}": b for b in self.synthesis.blocks()}
+
     def prior(self, latent: torch.Tensor) -> torch.Tensor:
         if not self.has_gaussian_fit:
             raise ModelFileError(

@@ -793,6 +793,12 @@ class StyleGAN3Generator(Generator):
     def noise_shapes(self) -> tuple[tuple[int, int], ...]:
         return ()  # StyleGAN3 has no noise inputs: samples differ by their starts only
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The synthesis input and each layer L0 ... L{n}: their output feature maps."""
+        layers: dict[str, nn.Module] = {"input": self.synthesis.input}
+        layers.update({name: getattr(self.synthesis, name) for name in self.synthesis.layer_names})
+        return layers
+
     def prior(self, latent: torch.Tensor) -> torch.Tensor:
         return SQRT2 * F.leaky_relu(latent * self.fit_std + self.fit_mean, 0.2)
 
