@@ -98,13 +98,18 @@ def restore_archive(
     optimizer: str | None = None,
     schedule: str | None = None,
     noise_mode: str | None = None,
+    intermediate_layers: list[str] | None = None,
+    intermediate_radius: float | None = None,
+    restart_budget: float | None = None,
     search_batch: int = 32,
 ) -> RunSummary:
     """Restore every image under `source` not yet restored in `dest`.
 
     source/dest: `s3://bucket/prefix` or a local folder. batch_size: inputs per task;
     search_batch: rows (inputs x samples) per forward pass inside a task. steps, eps, loss,
-    operator, learning_rate, optimizer, schedule, noise_mode, early_stop: None keeps the preset.
+    operator, learning_rate, optimizer, schedule, noise_mode, early_stop, intermediate_layers
+    (["auto"], split-point names, or [] for plain PULSE), intermediate_radius, restart_budget:
+    None keeps the preset.
     task_runner: "threads" (max_workers threads in this process) or "dask" (a LocalCluster of
     max_workers workers, or the cluster at dask_address; tasks need a worker with resource GPU=1
     when gpu_resource). Fails at the end if more than max_failures inputs failed.
@@ -130,6 +135,9 @@ def restore_archive(
         optimizer=optimizer,
         schedule=schedule,
         noise_mode=noise_mode,
+        intermediate_layers=None if intermediate_layers is None else tuple(intermediate_layers),
+        intermediate_radius=intermediate_radius,
+        restart_budget=restart_budget,
         seed=seed,
         fit=fit,
         device=device,

@@ -79,6 +79,11 @@ def run_flow(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         schedule=args.schedule,
         noise_mode=args.noise_mode,
+        intermediate_layers=None
+        if args.intermediate_layers is None
+        else list(args.intermediate_layers),
+        intermediate_radius=args.intermediate_radius,
+        restart_budget=args.restart_budget,
         search_batch=args.batch_size,
         seed=args.seed,
         fit=args.fit,

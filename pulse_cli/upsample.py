@@ -69,10 +69,27 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
         "--noise-mode", choices=NOISE_MODES, help="StyleGAN noise inputs (preset: trainable)"
     )
     g.add_argument(
+        "--intermediate-layers",
+        type=_layer_list,
+        help="intermediate-layer search: 'auto', split points like '16x16,32x32', or 'none' for "
+        "plain PULSE (preset)",
+    )
+    g.add_argument(
+        "--intermediate-radius",
+        type=float,
+        help="ball radius of each offset, relative to its feature map's norm (preset)",
+    )
+    g.add_argument(
+        "--restart-budget",
+        type=float,
+        help="steps an input may use over all restarts, in rounds of samples x steps; 1 = no "
+        "extra restarts (preset)",
+    )
+    g.add_argument(
         "--early-stop",
         action="store_true",
         default=None,
-        help="stop a batch once all its samples converged",
+        help="freeze each sample once it converged; stop when all have (preset)",
     )
     g.add_argument(
         "--seed",
@@ -97,6 +114,13 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _layer_list(text: str) -> tuple[str, ...]:
+    text = text.strip()
+    if text.lower() in ("none", "off", ""):
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     base = preset(args.preset)
     changes = {
@@ -109,6 +133,9 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         "schedule": args.schedule,
         "noise_mode": args.noise_mode,
         "early_stop": args.early_stop,
+        "intermediate_layers": args.intermediate_layers,
+        "intermediate_radius": args.intermediate_radius,
+        "restart_budget": args.restart_budget,
     }
     return base.with_(**{k: v for k, v in changes.items() if v is not None})
 

@@ -73,6 +73,9 @@ class RestoreSettings:
     optimizer: str | None = None
     schedule: str | None = None
     noise_mode: str | None = None
+    intermediate_layers: tuple[str, ...] | None = None  # () = plain PULSE; ("auto",) = auto
+    intermediate_radius: float | None = None
+    restart_budget: float | None = None
     seed: int = 0  # base seed; each (input, sample) derives its own
     fit: str = "center-crop"  # non-square policy
     device: str = "auto"
@@ -90,6 +93,11 @@ class RestoreSettings:
             "optimizer": self.optimizer,
             "schedule": self.schedule,
             "noise_mode": self.noise_mode,
+            "intermediate_layers": None
+            if self.intermediate_layers is None
+            else tuple(self.intermediate_layers),
+            "intermediate_radius": self.intermediate_radius,
+            "restart_budget": self.restart_budget,
         }
         return preset(self.preset).with_(**{k: v for k, v in changes.items() if v is not None})
 
@@ -336,16 +344,19 @@ def restore_items(
             "conversions": prep.conversions,
         }
         out_keys = []
-        for s in res.samples:
-            hr_key, lr_key = sample_keys(key, s.index)
-            meta = {
-                "pulse:input": key,
-                "pulse:seed": str(s.seed),
-                "pulse:model": generator.model_id,
-            }
-            _write(dest, hr_key, encode_png(s.hr, metadata=meta))
-            _write(dest, lr_key, encode_png(s.lr.clamp(0, 1)))
-            out_keys.append(hr_key)
+        for s in res.attempts:  # the selected samples, then extra restarts (rows only, no PNG)
+            hr_key: str | None = None
+            lr_key: str | None = None
+            if s.selected:
+                hr_key, lr_key = sample_keys(key, s.index)
+                meta = {
+                    "pulse:input": key,
+                    "pulse:seed": str(s.seed),
+                    "pulse:model": generator.model_id,
+                }
+                _write(dest, hr_key, encode_png(s.hr, metadata=meta))
+                _write(dest, lr_key, encode_png(s.lr.clamp(0, 1)))
+                out_keys.append(hr_key)
             rows.append(
                 {
                     **common,
@@ -353,6 +364,10 @@ def restore_items(
                     "sample_index": s.index,
                     "method": s.method,
                     "parent_sample": s.parent,
+                    "attempt": s.attempt,
+                    "selected": s.selected,
+                    "intermediate_layers": list(s.intermediate_layers),
+                    "intermediate_radius": s.intermediate_radius,
                     "steps_run": s.steps_run,
                     "best_step": s.best_step,
                     "final_l2": s.mse,

@@ -17,6 +17,7 @@ every layer; the ball constraint becomes `||delta|| <= radius * sqrt(numel)`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,45 @@ from torch import nn
 from pulse_core.errors import ConfigError
 from pulse_core.generators.base import Generator
 
+AUTO = "auto"
+_SIZE_PATTERNS = (
+    re.compile(r"^(\d+)x\1$"),
+    re.compile(r"^b(\d+)$"),
+    re.compile(r"^L\d+_(\d+)_\d+$"),
+)
+
+
+def feature_size(name: str) -> int | None:
+    """Spatial side of a split point from its name: "16x16", "b16" (StyleGAN2), "L3_36_512"."""
+    for pattern in _SIZE_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def auto_layers(generator: Generator) -> tuple[str, ...]:
+    """The split point whose side is closest to a quarter of the output (the coarsest on ties).
+
+    Measured on the demo generator (docs/evaluation.md): offsets at 16x16 of a 64 px output
+    bring real photos within eps while keeping the coarse structure from the latent.
+    """
+    target = generator.resolution / 4
+    sized = [(n, feature_size(n)) for n in generator.feature_layers()]
+    sized = [(n, size) for n, size in sized if size is not None]
+    if not sized:
+        raise ConfigError(f"{generator.model_id} has no split points for the intermediate mode")
+    return (min(sized, key=lambda item: abs(math.log2(item[1] / target)))[0],)
+
 
 def resolve_layers(generator: Generator, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The named split points, checked; an unknown name lists the generator's split points."""
+    """The named split points, checked; an unknown name lists the generator's split points.
+
+    `("auto",)` picks one by `auto_layers`.
+    """
     available = generator.feature_layers()
+    if tuple(names) == (AUTO,):
+        names = auto_layers(generator)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ConfigError(

@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 from pulse_core.errors import PulseError
 from pulse_core.storage import Storage, StorageNotFoundError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added attempt, selected, intermediate_layers, intermediate_radius
 RUNS_PREFIX = "_runs"  # dest/_runs/<run id>/{samples,losses}.parquet
 INDEX_PREFIX = "_manifest/samples"  # dest/_manifest/samples/part-<name>.parquet
 METHODS = ("restart", "noise-resample")
@@ -113,6 +113,14 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("sample_index", pa.int32(), nullable=False),  # k in sample-<k>.png
         pa.field("method", pa.string(), nullable=False),  # "restart" | "noise-resample"
         pa.field("parent_sample", pa.int32()),  # noise-resample: sample whose latent it kept
+        pa.field(
+            "attempt", pa.int32(), nullable=False
+        ),  # restart number of this input (seed source)
+        pa.field("selected", pa.bool_(), nullable=False),  # among the returned samples; False:
+        # an extra restart kept for the record (sample_index >= samples, no PNG)
+        pa.field("intermediate_layers", pa.list_(pa.string()), nullable=False),  # offset split
+        # points of the intermediate-layer mode; [] = plain PULSE
+        pa.field("intermediate_radius", pa.float64()),  # their ball radius (relative); None = off
         pa.field("steps_run", pa.int32()),
         pa.field("best_step", pa.int32()),
         pa.field("final_l2", pa.float64()),  # at the best step
@@ -149,7 +157,20 @@ LOSSES_SCHEMA = pa.schema(
 
 # Filled in when a row leaves them out (samples also get created_at = now); every other
 # non-nullable field is required.
-_DEFAULTS: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "conversions": []}
+_DEFAULTS: dict[str, Any] = {
+    "schema_version": SCHEMA_VERSION,
+    "conversions": [],
+    "attempt": 0,
+    "selected": True,
+    "intermediate_layers": [],
+}
+# Columns added after version 1, with the value they mean for rows written before them.
+_ADDED_COLUMNS: dict[str, Any] = {
+    "attempt": 0,
+    "selected": True,
+    "intermediate_layers": [],
+    "intermediate_radius": None,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +420,14 @@ def append_to_index(
 
 
 def _conform(table: pa.Table, what: str) -> pa.Table:
-    """`table` cast to SAMPLES_SCHEMA (column order, metadata), or a clear ManifestError."""
+    """`table` cast to SAMPLES_SCHEMA (column order, metadata), or a clear ManifestError.
+
+    Parts written by an older schema version get the newer columns with their implied values.
+    """
+    for name, value in _ADDED_COLUMNS.items():
+        if name not in table.column_names:
+            field = SAMPLES_SCHEMA.field(name)
+            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
     missing = [n for n in SAMPLES_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ManifestError(f"{what} lack column(s) {missing}: build them with samples_table()")

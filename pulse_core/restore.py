@@ -175,7 +175,8 @@ def restore_many(
     `samples` per input, of which `resample` are noise resamples of the best restart (needs a
     generator with noise inputs). Rows are grouped by LR size and cut into `batch_size` rows.
 
-    `step_budget` (optimiser steps per input, over all its restarts; None = one round only):
+    `step_budget` (optimiser steps per input, over all its restarts; None = the config's
+    `restart_budget` rounds of `restarts x steps`, and 1 round means no extra restarts):
     while an input has fewer converged restarts than it needs and its budget allows another
     `config.steps`, it gets new restarts (new seeds). The best restarts are returned as the
     samples, converged first; the others are kept in `extra_attempts`, so nothing is lost.
@@ -210,6 +211,8 @@ def restore_many(
         results.append(RestoreResult(key=key, lr=img, factor=generator.resolution // h))
 
     restarts = samples - resample
+    if step_budget is None and config.restart_budget > 1:
+        step_budget = int(config.restart_budget * restarts * config.steps)
     if step_budget is not None and step_budget < restarts * config.steps:
         raise ConfigError(
             f"step_budget {step_budget} is below one round of {restarts} restart(s) x "

@@ -50,6 +50,9 @@ class SearchConfig:
     intermediate_layers: tuple[str, ...] = ()  # split points to offset (Generator.feature_layers)
     intermediate_radius: float = 0.2  # each offset's ball, relative to its feature map's norm
     intermediate_start: float = 1 / 3  # fraction of the steps before the first layer switches on
+    restart_budget: float = 1.0  # steps an input may use over all its restarts, in rounds of
+    # (samples x steps): 1 = one round, no extra restarts; 3 = up to 2 more rounds for inputs
+    # whose samples did not all converge
 
     @classmethod
     def reference(cls) -> SearchConfig:
@@ -77,6 +80,8 @@ class SearchConfig:
             )
         if self.trainable_noise_layers < 0:
             raise ConfigError("trainable_noise_layers must be >= 0")
+        if self.restart_budget < 1:
+            raise ConfigError(f"restart_budget must be >= 1 (rounds), got {self.restart_budget}")
         if self.intermediate_radius <= 0:
             raise ConfigError(f"intermediate_radius must be > 0, got {self.intermediate_radius}")
         if not 0 <= self.intermediate_start < 1:

@@ -500,6 +500,10 @@ class StyleGAN1Generator(Generator):
     def noise_shapes(self) -> tuple[tuple[int, int], ...]:
         return tuple((2 ** (i // 2 + 2), 2 ** (i // 2 + 2)) for i in range(self.num_latents))
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """Each block's output feature map: "4x4", "8x8", ... (the side before toRGB)."""
+        return dict(self.synthesis.blocks.items())
+
     def prior(self, latent: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(latent * self.fit_std + self.fit_mean, 0.2)
 
