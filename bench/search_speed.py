@@ -9,6 +9,10 @@ bookkeeping. Generators:
   missing the bench stops and says to run `pulse models pull demo`.
 - `stylegan1-256`, `stylegan1-1024`: StyleGAN v1 synthesis with random weights and a Gaussian
   fit of mean 0, std 1 (LR 32x32). Same architecture and cost as the FFHQ model.
+- `stylegan2-256`, `stylegan2-1024`: StyleGAN2 (NVIDIA ADA layout, config f: channel_base 32768,
+  channel_max 512, skip architecture), random weights, all 17 (1024) noise inputs.
+- `stylegan3-256`, `stylegan3-1024`: StyleGAN3-T with the release's 14 layers (channel_base 32768,
+  channel_max 512), random weights; no noise inputs.
 
 Per (generator, batch): `--warmup` steps in a first search (builds caches, warms the allocator),
 then a second search whose per-step wall times (from the step callback) give the median and
@@ -45,7 +49,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python bench/search_speed.py` from a checkout
 
-GENERATORS = ("demo", "stylegan1-256", "stylegan1-1024")
+GENERATORS = (
+    "demo",
+    "stylegan1-256",
+    "stylegan1-1024",
+    "stylegan2-256",
+    "stylegan2-1024",
+    "stylegan3-256",
+    "stylegan3-1024",
+)
 REFERENCE_STEPS = 100  # a full reference search, for samples/s
 TARGET_DEMO_BATCH_GAIN = 2.0  # demo: samples/s at batch 8 / samples/s at batch 1
 TARGET_STYLEGAN1024_S = 2.0  # StyleGAN v1 1024, batch 1: seconds per step
@@ -53,9 +65,11 @@ TARGET_STYLEGAN1024_S = 2.0  # StyleGAN v1 1024, batch 1: seconds per step
 # (warm-up steps, timed steps) per generator; --quick uses the second table. Two warm-up steps:
 # with the allocator tuning (pulse_core.search.keep_freed_memory) the heap reaches its
 # high-water mark during the second step, after which steps no longer page-fault.
-STEPS = {"demo": (3, 20), "stylegan1-256": (2, 5), "stylegan1-1024": (2, 3)}
-QUICK_STEPS = {"demo": (2, 10), "stylegan1-256": (2, 3), "stylegan1-1024": (2, 2)}
-LR_SIZE = {"demo": 16, "stylegan1-256": 32, "stylegan1-1024": 32}
+STEPS = {"demo": (3, 20), **{f"stylegan{v}-256": (2, 5) for v in (1, 2, 3)}}
+STEPS.update({f"stylegan{v}-1024": (2, 3) for v in (1, 2, 3)})
+QUICK_STEPS = {"demo": (2, 10), **{f"stylegan{v}-256": (2, 3) for v in (1, 2, 3)}}
+QUICK_STEPS.update({f"stylegan{v}-1024": (2, 2) for v in (1, 2, 3)})
+LR_SIZE = {"demo": 16, **{name: 32 for name in GENERATORS if name != "demo"}}
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -129,6 +143,27 @@ def build_generator(name: str, device: str):
         torch.manual_seed(0)
         synthesis = StyleGAN1Synthesis(res)
         gen = StyleGAN1Generator(synthesis, torch.zeros(512), torch.ones(512))
+        return gen.to(device).freeze()
+    if name.startswith(("stylegan2-", "stylegan3-")):
+        from pulse_core.generators.gaussian_fit import GaussianFit
+
+        res = int(name.split("-", 1)[1])
+        torch.manual_seed(0)
+        fit = GaussianFit(torch.zeros(512), torch.ones(512))
+        dims = {"z_dim": 512, "c_dim": 0, "w_dim": 512, "img_resolution": res, "img_channels": 3}
+        dims["mapping_kwargs"] = {"num_layers": 8 if name.startswith("stylegan2") else 2}
+        synthesis = {"channel_base": 32768, "channel_max": 512}
+        if name.startswith("stylegan2-"):
+            from pulse_core.generators.stylegan2 import StyleGAN2Generator
+
+            gen = StyleGAN2Generator.from_init_kwargs({**dims, "synthesis_kwargs": synthesis})
+            gen.set_gaussian_fit(fit)
+        else:
+            from pulse_core.generators.stylegan3 import StyleGAN3Generator
+
+            kwargs = {**dims, **synthesis}
+            mapping, synth = StyleGAN3Generator.build(kwargs)
+            gen = StyleGAN3Generator(mapping, synth, fit, kwargs)
         return gen.to(device).freeze()
     raise SystemExit(
         f"search_speed: unknown generator {name!r}; choose from {', '.join(GENERATORS)}"
@@ -261,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = build_generator(name, args.device)
         warmup, timed = (QUICK_STEPS if args.quick else STEPS)[name]
         for batch in batches:
-            if args.quick and name == "stylegan1-1024" and batch != 1:
+            if args.quick and name.endswith("-1024") and batch != 1:
                 continue
             row = measure(gen, name, batch, args.device, warmup, timed)
             rows.append(row)
