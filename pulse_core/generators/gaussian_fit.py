@@ -53,7 +53,7 @@ def save_gaussian_fit(fit: GaussianFit, path: Path) -> None:
 def compute_gaussian_fit(
     mapping: Callable[[torch.Tensor], torch.Tensor],
     z_dim: int = 512,
-    samples: int = FIT_SAMPLES,
+    samples: int | None = None,  # None = FIT_SAMPLES (10^6)
     seed: int = FIT_SEED,
     chunk: int = FIT_CHUNK,
     device: torch.device | str = "cpu",
@@ -64,6 +64,7 @@ def compute_gaussian_fit(
     The z's are drawn chunk after chunk from one CPU generator seeded with `seed`, so the result
     does not depend on the device, and memory stays at one chunk. Sums are kept in float64.
     """
+    samples = FIT_SAMPLES if samples is None else samples
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(0, dtype=torch.float64)
     total_sq = torch.zeros(0, dtype=torch.float64)
