@@ -90,7 +90,9 @@ def make_inputs(folder: Path, count: int, seed: int = 1234) -> list[str]:
 def settings_for(args: argparse.Namespace) -> Any:
     from pulse_core.batch import RestoreSettings
 
-    return RestoreSettings(model="demo", samples=args.samples, steps=args.steps, seed=0)
+    return RestoreSettings(
+        model="demo", samples=args.samples, steps=args.steps, seed=0, preset="reference"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ def run_flow(source: Path, dest: Path, args: argparse.Namespace) -> dict:
         model="demo",
         samples=args.samples,
         steps=args.steps,
+        preset="reference",  # the same fixed-length searches on both sides
         batch_size=args.batch_size,
         task_runner="threads",
         max_workers=1,

@@ -21,6 +21,7 @@ from prefect_dask import DaskTaskRunner
 from flows.report import RunSummary, report_markdown, results_table, summarise
 from pulse_core.batch import BatchOutcome, RestoreSettings
 from pulse_core.errors import ConfigError, PulseError
+from pulse_core.search import DEFAULT_PRESET
 from pulse_core.storage import Storage, StorageConfig, open_storage
 from tasks.discover import discover_inputs
 from tasks.publish import finalize_manifests, publish_artifacts
@@ -79,7 +80,7 @@ def restore_archive(
     eps: float | None = None,
     loss: str | None = None,
     operator: str | None = None,
-    preset: str = "reference",
+    preset: str = DEFAULT_PRESET,
     batch_size: int = 8,
     task_runner: str = "threads",
     dask_address: str | None = None,

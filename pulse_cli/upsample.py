@@ -30,7 +30,7 @@ from pulse_core.imaging import (
 )
 from pulse_core.restore import RestoreResult, restore_many
 from pulse_core.schedules import OPTIMIZERS, SCHEDULES
-from pulse_core.search import NOISE_MODES, PRESETS, SearchConfig, preset
+from pulse_core.search import DEFAULT_PRESET, NOISE_MODES, PRESETS, SearchConfig, preset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -52,11 +52,12 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--preset",
-        default="reference",
+        default=DEFAULT_PRESET,
         choices=sorted(PRESETS),
-        help="base settings (default: reference = the paper)",
+        help="base settings: robust (default: intermediate-layer search, early stop, restarts; "
+        "docs/evaluation.md), fast (the paper + early stop) or reference (the paper, exactly)",
     )
-    g.add_argument("--steps", type=int, help="optimiser steps (preset: 100)")
+    g.add_argument("--steps", type=int, help="optimiser steps (reference: 100, robust: 150)")
     g.add_argument("--eps", type=float, help="success threshold on the LR MSE (preset: 2e-3)")
     g.add_argument("--loss", help="loss, e.g. '100*L2+0.05*GEOCROSS' (preset)")
     g.add_argument("--operator", choices=OPERATORS, help="forward operator (preset: bicubic)")

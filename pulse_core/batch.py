@@ -47,7 +47,7 @@ from pulse_core.manifest import (
     write_parquet,
 )
 from pulse_core.restore import RestoreResult, restore_many
-from pulse_core.search import SearchConfig, preset
+from pulse_core.search import DEFAULT_PRESET, SearchConfig, preset
 from pulse_core.storage import Storage, TransientStorageError, is_transient
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -63,7 +63,7 @@ class RestoreSettings:
     model: str = "demo"  # catalogue name or path visible to every worker
     samples: int = 4  # HR samples per input
     resample: int = 0  # of which by noise resampling (StyleGAN only)
-    preset: str = "reference"  # base SearchConfig
+    preset: str = DEFAULT_PRESET  # base SearchConfig: robust (the product default)
     steps: int | None = None  # overrides of the preset; None = keep
     eps: float | None = None
     loss: str | None = None

@@ -96,10 +96,22 @@ class SearchConfig:
         return replace(self, **changes).validate()  # type: ignore[arg-type]
 
 
+DEFAULT_PRESET = "robust"  # what `pulse upsample`, `pulse run` and the flow use unless told
+
 PRESETS: dict[str, Callable[[], SearchConfig]] = {
     "reference": SearchConfig.reference,
-    # The reference numerics plus stopping once a batch has converged: same results, less time.
+    # The reference numerics plus per-sample early stop: converged samples stop, less time.
     "fast": lambda: SearchConfig(early_stop=True),
+    # The product default (docs/evaluation.md): intermediate-layer search on the split points at
+    # 1/8 and 1/4 of the output with a 5% ball, early stop, and one more round of restarts for
+    # inputs that still have unconverged samples.
+    "robust": lambda: SearchConfig(
+        steps=150,
+        early_stop=True,
+        intermediate_layers=("auto",),
+        intermediate_radius=0.05,
+        restart_budget=2.0,
+    ),
 }
 
 

@@ -36,7 +36,9 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "lr"
 EXAMPLE_KEYS = ("astronaut-16.png", "astronaut-8.png", "grace-hopper-16.png", "grace-hopper-8.png")
-FAST = {"steps": 3, "samples": 2}  # a search just long enough to exercise every code path
+# A search just long enough to exercise every code path, with the paper's settings so that each
+# input has exactly `samples` rows (the default preset adds rows for extra restarts).
+FAST = {"steps": 3, "samples": 2, "preset": "reference"}
 RUN_KEY = "restore"  # flows.restore: artifacts are keyed restore-progress/-results/-report
 
 
@@ -177,7 +179,13 @@ def bad_inputs_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory) ->
     for name, (data, _) in {**good_inputs(), **bad_inputs()}.items():
         (source / name).write_bytes(data)
     state = restore_archive(
-        str(source), str(dest), steps=3, samples=1, max_failures=1, return_state=True
+        str(source),
+        str(dest),
+        steps=3,
+        samples=1,
+        preset="reference",
+        max_failures=1,
+        return_state=True,
     )
     run_id = str(state.state_details.flow_run_id)
     samples = pq.read_table(dest / "_runs" / run_id / "samples.parquet")
@@ -360,9 +368,9 @@ def test_outputs_written_inside_the_source_are_never_taken_for_inputs(
     archive = tmp_path / "archive"
     shutil.copytree(EXAMPLES, archive)
     dest = archive / dest_name
-    first = restore_archive(str(archive), str(dest), steps=3, samples=1)
+    first = restore_archive(str(archive), str(dest), steps=3, samples=1, preset="reference")
 
-    again = restore_archive(str(archive), str(dest), steps=3, samples=1)
+    again = restore_archive(str(archive), str(dest), steps=3, samples=1, preset="reference")
 
     assert (first.found, first.ok) == (4, 4)
     assert (again.found, again.skipped, again.attempted) == (4, 4, 0)
@@ -441,7 +449,12 @@ def test_failed_inputs_are_retried_by_the_next_run_and_tolerated_up_to_max_failu
     dest = copy_of(bad_inputs_run.dest, tmp_path)
 
     summary = restore_archive(
-        str(bad_inputs_run.source), str(dest), steps=3, samples=1, max_failures=len(bad_inputs())
+        str(bad_inputs_run.source),
+        str(dest),
+        steps=3,
+        samples=1,
+        preset="reference",
+        max_failures=len(bad_inputs()),
     )
 
     assert summary.skipped == len(good_inputs())
@@ -504,7 +517,20 @@ def test_a_missing_bucket_fails_clearly_before_any_work(
 
 
 def _run_cli(source: Path, dest: Path, *extra: str) -> int:
-    return main(["run", str(source), str(dest), "--steps", "3", "--samples", "1", *extra])
+    return main(
+        [
+            "run",
+            str(source),
+            str(dest),
+            "--steps",
+            "3",
+            "--samples",
+            "1",
+            "--preset",
+            "reference",
+            *extra,
+        ]
+    )
 
 
 def test_pulse_run_restores_a_folder_and_prints_the_manifest_path(

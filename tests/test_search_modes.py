@@ -133,8 +133,9 @@ def test_unknown_split_point_lists_the_known_ones():
         search(gen, torch.rand(1, 3, 8, 8), initial_state(gen, [0], config), config)
 
 
-def test_auto_picks_the_split_point_at_a_quarter_of_the_resolution():
-    assert auto_layers(tiny_dcgan()) == ("16x16",)
+def test_auto_picks_the_split_points_at_an_eighth_and_a_quarter_of_the_resolution():
+    assert auto_layers(tiny_dcgan()) == ("8x8", "16x16")
+    assert auto_layers(tiny_stylegan1(64)) == ("8x8", "16x16")
     assert feature_size("b16") == 16 and feature_size("L3_36_512") == 36
 
 
@@ -161,6 +162,24 @@ def test_intermediate_mode_restores_a_real_photo_that_plain_pulse_cannot(demo_ge
     )
     assert plain.converged == 0
     assert ilo.converged == 2
+
+
+def test_cli_and_flow_default_to_the_evaluated_robust_preset():
+    import inspect
+
+    from flows.restore import restore_archive
+    from pulse_cli.main import build_parser
+    from pulse_core.batch import RestoreSettings
+    from pulse_core.search import DEFAULT_PRESET, preset
+
+    assert DEFAULT_PRESET == "robust"
+    robust = preset("robust")
+    assert robust.intermediate_layers == ("auto",) and robust.intermediate_radius == 0.05
+    assert robust.early_stop and robust.steps == 150 and robust.restart_budget == 2
+    args = build_parser().parse_args(["upsample", "x.png", "--out", "o"])
+    assert args.preset == "robust"
+    assert RestoreSettings().preset == "robust"
+    assert inspect.signature(restore_archive.fn).parameters["preset"].default == "robust"
 
 
 def test_reference_preset_has_every_new_mode_off():
