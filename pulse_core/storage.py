@@ -9,8 +9,9 @@ Design choices, and why:
   a manifest can never name a file outside the root (`..`, absolute paths, backslashes, empty or
   `.` segments and NUL are refused), and the same key means the same object locally and on S3.
 - Writes are atomic: a reader (or a re-run deciding what to skip) never sees half an object.
-  Locally a temp file in the same folder is fsynced then `os.replace`d over the final name; on S3
-  a PUT (or a completed multipart upload) is atomic per object.
+  Locally `pulse_core.atomic` writes a temp file in the same folder (named with
+  `LOCAL_TMP_PREFIX`, which listings skip), fsyncs it, `os.replace`s the final name and fsyncs
+  the folder; on S3 a PUT (or a completed multipart upload) is atomic per object.
 - `check()` runs before any work, so a typo in a bucket name or a wrong secret fails the flow in
   the first second with a message saying what to fix, not after an hour of GPU time.
 - Errors are `StorageError`; those worth retrying (throttling, 5xx, timeouts, dropped
@@ -29,7 +30,6 @@ import io
 import mimetypes
 import os
 import threading
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from pulse_core.atomic import LOCAL_TMP_PREFIX, atomic_write_bytes
 from pulse_core.errors import ConfigError, StorageError
 
 MiB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MiB  # S3 refuses multipart parts smaller than this (except the last)
 S3_MAX_KEY_BYTES = 1024  # S3's limit on a full key, UTF-8 encoded
-LOCAL_TMP_PREFIX = ".pulse-tmp-"  # temp files of atomic local writes; hidden from listings
 
 # ---------------------------------------------------------------------------------------------
 
@@ -441,40 +441,10 @@ class LocalStorage(Storage):
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         # content_type has no meaning on a file system; accepted for interface symmetry.
         path = self.local_path(key)
-        tmp = path.with_name(f"{LOCAL_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            self._fsync_dir(path.parent)
+            atomic_write_bytes(path, data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _os_error(exc, f"cannot write {path}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    @staticmethod
-    def _fsync_dir(folder: Path) -> None:
-        """Make the rename durable: without it a crash can forget the new directory entry."""
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return  # some file systems do not allow opening folders; the rename still happened
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def exists(self, key: str) -> bool:
         return self.local_path(key).is_file()

@@ -20,22 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import (
-    PrefectServer,
+from infra.processes import (
+    LoggedProcess,
+    dask_scheduler_command,
+    dask_worker_command,
+    dask_workers_ready,
     find_executable,
     free_port,
+    require_executable,
     start_process,
     stop_process,
     tail,
+    wait_until,
 )
+from tests.prefect_server import PrefectServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60.0  # scheduler + 2 workers take about 5 s here
@@ -87,34 +91,22 @@ class DaskCluster:
         )
 
 
-def _wait_for_workers(address: str, names: list[str], timeout_s: float) -> dict[str, DaskWorker]:
-    """Wait until every named worker is registered; describe them (address, PID, resources)."""
+def _describe_workers(address: str, names: list[str]) -> dict[str, DaskWorker]:
+    """The registered workers by name: address, PID of the process running tasks, resources."""
     from distributed import Client
 
-    deadline = time.monotonic() + timeout_s
-    client = None
-    while client is None:
-        try:
-            client = Client(address, timeout=2)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
-    try:
-        client.wait_for_workers(len(names), timeout=max(1.0, deadline - time.monotonic()))
+    with Client(address, timeout=10) as client:
         info = client.scheduler_info(n_workers=-1)["workers"]
         pids = client.run(os.getpid)
-        workers = {
-            w["name"]: DaskWorker(
-                name=w["name"],
-                address=addr,
-                pid=pids[addr],
-                resources=dict(w.get("resources") or {}),
-            )
-            for addr, w in info.items()
-        }
-    finally:
-        client.close()
+    workers = {
+        w["name"]: DaskWorker(
+            name=w["name"],
+            address=addr,
+            pid=pids[addr],
+            resources=dict(w.get("resources") or {}),
+        )
+        for addr, w in info.items()
+    }
     missing = set(names) - set(workers)
     if missing:
         raise RuntimeError(f"workers {sorted(missing)} did not register; got {sorted(workers)}")
@@ -129,60 +121,39 @@ def dask_cluster_processes(
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[DaskCluster]:
     """Run a scheduler, `gpu-worker` (GPU=1) and `cpu-worker` on 127.0.0.1; stop all on exit."""
-    dask = dask or find_executable("dask")
-    if dask is None:
-        raise FileNotFoundError("`dask` not found: pip install 'dask[distributed]'")
+    dask = dask or require_executable("dask", "pip install 'dask[distributed]'")
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    worker_args = {GPU_WORKER: ["--resources", "GPU=1"], CPU_WORKER: []}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, LoggedProcess] = {}
     try:
         procs["scheduler"] = start_process(
-            [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            log_dir / "scheduler.log",
-            env,
-            cwd=log_dir,
+            dask_scheduler_command(dask, port), log_dir / "scheduler.log", env, cwd=log_dir
         )
-        for name, extra in worker_args.items():
+        for name in (GPU_WORKER, CPU_WORKER):
             procs[name] = start_process(
-                [
+                dask_worker_command(
                     dask,
-                    "worker",
                     address,
-                    "--name",
                     name,
-                    "--host",
-                    "127.0.0.1",
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--no-dashboard",
-                    "--death-timeout",
-                    "60",  # exit if the scheduler is gone for a minute (never orphaned)
-                    "--local-directory",
-                    str(log_dir / name),
-                    *extra,
-                ],
+                    log_dir / name,
+                    gpu=name == GPU_WORKER,
+                    death_timeout_s=60,  # exit if the scheduler is gone for a minute (no orphans)
+                ),
                 log_dir / f"{name}.log",
                 env,
                 cwd=log_dir,
             )
-        try:
-            workers = _wait_for_workers(address, list(worker_args), startup_timeout_s)
-        except Exception as exc:
-            exited = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
-            logs = "\n".join(
-                f"--- {path.name}\n{tail(path, 20)}" for path in sorted(log_dir.glob("*.log"))
-            )
-            raise RuntimeError(
-                f"Dask cluster at {address} did not start within {startup_timeout_s:.0f} s "
-                f"({type(exc).__name__}: {exc}); exited: {exited}; logs:\n{logs}"
-            ) from exc
+        # A StartupError (a RuntimeError) quotes the end of every log: scheduler and workers.
+        wait_until(
+            f"Dask cluster at {address} did not register its 2 workers",
+            dask_workers_ready(address, 2),
+            timeout_s=startup_timeout_s,
+            watch=procs,
+        )
         yield DaskCluster(
             address=address,
-            workers=workers,
+            workers=_describe_workers(address, [GPU_WORKER, CPU_WORKER]),
             log_dir=log_dir,
             pids={n: p.pid for n, p in procs.items()},
         )

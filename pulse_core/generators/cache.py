@@ -22,18 +22,15 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+# atomic_write_bytes / atomic_write_text are re-exported: catalogue and demo import them from here.
+from pulse_core.atomic import atomic_write_bytes as atomic_write_bytes
+from pulse_core.atomic import atomic_write_text
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.download import (
-    fsync_dir,
-    new_file_mode,
-    normalise_sha256,
-    sha256_file,
-)
+from pulse_core.generators.download import normalise_sha256, sha256_file
 
 try:  # POSIX advisory locks; elsewhere locking is a no-op (documented in `file_lock`)
     import fcntl
@@ -75,7 +72,7 @@ def cache_dir(*, create: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Locks and atomic writes
+# Locks (atomic writes: `pulse_core.atomic`)
 
 
 @contextlib.contextmanager
@@ -103,27 +100,6 @@ def lock_path(key: str, cache: Path | None = None) -> Path:
     """The lock file guarding writes of `key` (a model name) in the cache."""
     root = cache if cache is not None else cache_dir()
     return root / ".locks" / f"{key.replace('/', '__')}.lock"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------

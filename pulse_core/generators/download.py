@@ -5,8 +5,10 @@ machines that may be killed at any moment. So a download:
 
 - streams into `<dest>.part` and keeps it when the connection drops, so the next attempt (or the
   next run) continues with an HTTP Range request instead of starting again;
-- lands at `dest` only by `os.replace` after fsync and a sha256 check, so `dest` is either absent
-  or complete and verified, never a truncated or corrupt file a loader could trip over later;
+- lands at `dest` only by an fsynced `os.replace` (`pulse_core.atomic.replace_file`) after a
+  sha256 check, so `dest` is either absent or complete and verified, never a truncated or corrupt
+  file a loader could trip over later. The `.part` name, not the atomic writer's temp name, is
+  deliberate: it must be found again by the next attempt to resume;
 - retries transient failures (timeouts, resets, 5xx, 429) a bounded number of times with
   exponential backoff, and fails at once with an actionable message on permanent ones (404, 403);
 - when no checksum is published (`sha256=None`), computes it and returns it so the caller can pin
@@ -40,6 +42,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
+# fsync_dir and new_file_mode are re-exported: catalogue and demo import them from here.
+from pulse_core.atomic import fsync_dir as fsync_dir
+from pulse_core.atomic import new_file_mode as new_file_mode
+from pulse_core.atomic import replace_file
 from pulse_core.errors import ModelFileError
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None when unknown)
@@ -159,9 +165,8 @@ def download(
                 f"{url} gave {size} bytes, expected {expected_size}; the file was deleted and "
                 f"{dest} was not written"
             )
-        os.replace(part, dest)
+        replace_file(part, dest)  # `.part` is fsynced already (`_flush`); this makes it durable
         _meta_path(part).unlink(missing_ok=True)
-        fsync_dir(dest.parent)
         return DownloadResult(dest, actual, size, want is not None, resumed, attempts)
 
 
@@ -405,32 +410,6 @@ def _flush(out: IO[bytes]) -> None:
     """Make written bytes durable before they are resumed from or renamed into place."""
     out.flush()
     os.fsync(out.fileno())
-
-
-def new_file_mode() -> int:
-    """The mode `open()` would give a new file (0o666 minus the umask).
-
-    `tempfile.mkstemp` creates files 0o600; a model renamed into place from one would be unreadable
-    to the other users of a shared cache (`$PULSE_CACHE` on a team volume). The umask can only be
-    read by setting it, so it is set back at once (as pip does).
-    """
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def fsync_dir(directory: Path) -> None:
-    """Persist a rename in `directory` (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _version() -> str:
