@@ -7,41 +7,36 @@ of the generator, each kept inside a ball whose radius is a fraction of that fea
 norm: a small radius keeps the image close to the manifold (realism), a larger one buys LR
 consistency.
 
-Mechanics: forward hooks on the generator's split-point modules (`Generator.feature_layers()`)
-add `delta * norm_ref / sqrt(numel)` to the module's output, where `norm_ref` is the feature
-map's per-sample norm when the layer was switched on and `delta` is the optimised tensor. That
-scaling makes `delta`'s entries O(1) whatever the layer's magnitude, so one learning rate serves
-every layer; the ball constraint becomes `||delta|| <= radius * sqrt(numel)`.
+Mechanics: one `FeatureOffsets` per search call holds every piece of state (deltas, scales,
+switch-on schedule) and is itself the `edit` callable handed to
+`Generator.synthesize(w, noise, edit=offsets)`. At each split point (`Generator.feature_layers()`,
+names -> sides) the network calls `edit(name, x)`, which adds `delta * norm_ref / sqrt(numel)`,
+where `norm_ref` is the feature map's per-sample norm when the layer was switched on and `delta`
+is the optimised tensor. That scaling makes `delta`'s entries O(1) whatever the layer's
+magnitude, so one learning rate serves every layer; the ball constraint becomes
+`||delta|| <= radius * sqrt(numel)`.
+
+Why an argument and not forward hooks (the first build's way): a loaded generator is cached and
+shared by every thread of a worker, and hooks registered on it for one search added that search's
+offsets to every other search running at the same time (architecture.md, "A loaded generator is
+shared and read-only"). Nothing here holds a module or touches the network.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pulse_core.errors import ConfigError
 from pulse_core.generators.base import Generator
 
 AUTO = "auto"
-_SIZE_PATTERNS = (
-    re.compile(r"^(\d+)x\1$"),
-    re.compile(r"^b(\d+)$"),
-    re.compile(r"^L\d+_(\d+)_\d+$"),
-)
-
-
-def feature_size(name: str) -> int | None:
-    """Spatial side of a split point from its name: "16x16", "b16" (StyleGAN2), "L3_36_512"."""
-    for pattern in _SIZE_PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return int(m.group(1))
-    return None
+# Split points `auto` never picks: StyleGAN3's Fourier-feature `input` (before any convolution)
+# shares its side with the first layers; `auto` has always chosen among layer outputs there, and
+# keeping that keeps the robust preset's choice for StyleGAN3 unchanged. It stays available by name.
+_NOT_AUTO = frozenset({"input"})
 
 
 def auto_layers(generator: Generator) -> tuple[str, ...]:
@@ -51,8 +46,7 @@ def auto_layers(generator: Generator) -> tuple[str, ...]:
     16x16 of a 64 px output, radius 0.05, brought every 8x8 and 16x16 input within eps at about
     the realism of the generator's own samples; a single layer or a larger radius did worse.
     """
-    sized = [(n, feature_size(n)) for n in generator.feature_layers()]
-    sized = [(n, size) for n, size in sized if size is not None]
+    sized = [(n, side) for n, side in generator.feature_layers().items() if n not in _NOT_AUTO]
     if not sized:
         raise ConfigError(f"{generator.model_id} has no split points for the intermediate mode")
     chosen: list[str] = []
@@ -64,8 +58,8 @@ def auto_layers(generator: Generator) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def resolve_layers(generator: Generator, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The named split points, checked; an unknown name lists the generator's split points.
+def resolve_layers(generator: Generator, names: tuple[str, ...]) -> dict[str, int]:
+    """The named split points -> their sides, checked; an unknown name lists the known ones.
 
     `("auto",)` picks one by `auto_layers`.
     """
@@ -85,19 +79,17 @@ def resolve_layers(generator: Generator, names: tuple[str, ...]) -> dict[str, nn
 class LayerOffset:
     """The optimised offset of one feature map, for a batch of N samples."""
 
-    name: str
-    module: nn.Module
+    name: str  # the split point (a key of Generator.feature_layers())
     radius: float  # ball radius relative to the feature map's norm
     delta: torch.Tensor | None = None  # (N, C, H, W), created at the first forward after enabling
     scale: torch.Tensor | None = None  # (N, 1, 1, 1): norm_ref / sqrt(numel)
     enabled: bool = False
-    active_rows: torch.Tensor | None = None  # (N,) bool; frozen rows get no offset updates
-    _handle: Any = field(default=None, repr=False)
 
-    def hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the offset; x itself while the layer is off. The first call after switching
+        on measures the reference norm and creates `delta` (zeros, so the image is unchanged)."""
         if not self.enabled:
-            return None
-        x = output[0] if isinstance(output, tuple) else output
+            return x
         if self.delta is None:
             with torch.no_grad():
                 n = x.shape[0]
@@ -105,8 +97,12 @@ class LayerOffset:
                 norm = x.detach().reshape(n, -1).norm(dim=1).clamp(min=1e-8)
                 self.scale = (norm / math.sqrt(numel)).view(n, 1, 1, 1)
             self.delta = torch.zeros_like(x, requires_grad=True)
-        x = x + self.delta * self.scale
-        return (x, *output[1:]) if isinstance(output, tuple) else x
+        if self.delta.shape != x.shape:
+            raise ValueError(
+                f"offset for {self.name} has shape {tuple(self.delta.shape)}, the feature map "
+                f"{tuple(x.shape)}: one FeatureOffsets serves one search (one batch)"
+            )
+        return x + self.delta * self.scale
 
     @torch.no_grad()
     def project(self) -> None:
@@ -128,8 +124,10 @@ class LayerOffset:
 
 
 class FeatureOffsets:
-    """Hooks on a generator's split points; attach for one search, then detach.
+    """The intermediate-layer offsets of one search call, and the `edit` its forwards get.
 
+    Create one per `search()` and pass it as `generator.synthesize(w, noise, edit=offsets)`;
+    it reads the generator's split-point names once and never holds or changes the network.
     Layers switch on progressively: layer i of k at step `start + i * (steps - start) / k`.
     """
 
@@ -145,22 +143,16 @@ class FeatureOffsets:
             raise ConfigError(f"intermediate radius must be > 0, got {radius}")
         if not 0 <= start_fraction < 1:
             raise ConfigError(f"intermediate start must be in [0, 1), got {start_fraction}")
-        modules = resolve_layers(generator, layers)
-        self.offsets = [LayerOffset(name, m, radius) for name, m in modules.items()]
+        self.offsets = [LayerOffset(name, radius) for name in resolve_layers(generator, layers)]
+        self._by_name = {off.name: off for off in self.offsets}
         start = int(start_fraction * steps)
         k = max(len(self.offsets), 1)
         self.enable_at = [start + (i * (steps - start)) // k for i in range(len(self.offsets))]
 
-    def __enter__(self) -> FeatureOffsets:
-        for off in self.offsets:
-            off._handle = off.module.register_forward_hook(off.hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for off in self.offsets:
-            if off._handle is not None:
-                off._handle.remove()
-                off._handle = None
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The `FeatureEdit`: split point `name`'s feature map with its offset (if any) added."""
+        off = self._by_name.get(name)
+        return x if off is None else off.apply(x)
 
     def switch_on(self, step: int) -> list[LayerOffset]:
         """Layers to enable at this step (their deltas appear at the next forward)."""

@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.gaussian_fit import FIT_SAMPLES, FIT_SEED
+from pulse_core.generators.gaussian_fit import (
+    FIT_SAMPLES,
+    FIT_SEED,
+    fit_cache_path,
+    store_cached_fit,
+)
 from pulse_core.generators.loading import load_generator_file, sha256_of
 from pulse_core.generators.rosinality import (
     from_checkpoint,
@@ -26,7 +31,7 @@ from pulse_core.generators.rosinality import (
     load_rosinality_checkpoint,
     rosinality_key_map,
 )
-from pulse_core.generators.stylegan2 import StyleGAN2Generator, fit_cache_path, store_cached_fit
+from pulse_core.generators.stylegan2 import StyleGAN2Generator
 from tests.test_stylegan2 import pulse_recovers_own_sample
 
 SQRT2 = math.sqrt(2.0)

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.gaussian_fit import compute_gaussian_fit, load_gaussian_fit
+from pulse_core.generators.gaussian_fit import (
+    FIT_SAMPLES,
+    FIT_SEED,
+    compute_gaussian_fit,
+    fit_cache_path,
+    load_gaussian_fit,
+)
 from pulse_core.generators.loading import load_generator_file
 from pulse_core.generators.stylegan1 import (
     StyleGAN1Generator,
@@ -130,15 +136,37 @@ def test_gaussian_fit_computed_from_mapping_inverts_the_final_leaky_relu():
 
 
 def test_folder_with_synthesis_and_mapping_computes_and_caches_the_fit(tmp_path, monkeypatch):
-    import pulse_core.generators.gaussian_fit as gf
+    import pulse_core.generators.loading as loading
 
-    monkeypatch.setattr(gf, "FIT_SAMPLES", 2_000)
-    monkeypatch.setattr(
-        gf.compute_gaussian_fit, "__defaults__", (512, 2_000, 0, 1_000, "cpu", None)
+    monkeypatch.setenv("PULSE_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    # a small W (16) keeps the full 10^6-sample fit to a second
+    torch.save(
+        StyleGAN1Synthesis(16, channels=[8, 8, 8], w_dim=16).state_dict(), model / "synthesis.pt"
     )
-    torch.save(StyleGAN1Synthesis(16).state_dict(), tmp_path / "synthesis.pt")
-    torch.save(StyleGAN1Mapping().state_dict(), tmp_path / "mapping.pt")
-    gen = load_generator_file(tmp_path)
-    assert (tmp_path / "gaussian_fit.pt").is_file()
+    torch.save(StyleGAN1Mapping(z_dim=16, w_dim=16, depth=2).state_dict(), model / "mapping.pt")
+    gen = load_generator_file(model)
     assert gen.family == "stylegan1" and gen.num_latents == 6 and gen.resolution == 16
     assert len(gen.checksum) == 64
+    # kept by the sha256 of mapping.pt in the model cache, like every family's; not in the folder
+    cached = fit_cache_path(loading.sha256_of(model / "mapping.pt"), FIT_SAMPLES, FIT_SEED)
+    assert cached.is_file() and not (model / "gaussian_fit.pt").exists()
+    assert torch.equal(load_gaussian_fit(cached).mean, gen.fit_mean)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached fit should have been used")
+
+    monkeypatch.setattr(loading, "compute_gaussian_fit", must_not_run)
+    again = load_generator_file(model)
+    assert torch.equal(again.fit_mean, gen.fit_mean) and torch.equal(again.fit_std, gen.fit_std)
+
+
+def test_a_shipped_gaussian_fit_beside_the_weights_is_used_as_is(tmp_path):
+    fit = {"mean": torch.randn(16), "std": torch.rand(16) + 0.5}
+    torch.save(
+        StyleGAN1Synthesis(8, channels=[8, 8], w_dim=16).state_dict(), tmp_path / "synthesis.pt"
+    )
+    torch.save(fit, tmp_path / "gaussian_fit.pt")
+    gen = load_generator_file(tmp_path)
+    assert torch.equal(gen.fit_mean, fit["mean"]) and torch.equal(gen.fit_std, fit["std"])

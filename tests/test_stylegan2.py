@@ -17,13 +17,8 @@ import torch.nn.functional as F
 
 from pulse_core.downscale import downscale
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.stylegan2 import (
-    StyleGAN2Generator,
-    conv2d_resample,
-    setup_filter,
-    upfirdn2d,
-    upsample2d,
-)
+from pulse_core.generators.fir import setup_filter, upfirdn2d, upsample2d
+from pulse_core.generators.stylegan2 import StyleGAN2Generator, conv2d_resample
 from pulse_core.search import InitialState, SearchConfig, initial_state, search
 
 SQRT2 = math.sqrt(2.0)

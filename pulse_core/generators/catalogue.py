@@ -503,7 +503,7 @@ def _resolve_entry(entry: ModelEntry, root: Path) -> ResolvedModel:
         key = _pin_key(entry.name, file.filename)
         expected = file.sha256 or pinned_checksum(key, cache=root)
         if expected is None:
-            # Placed by hand, or derived in place (a loader saving gaussian_fit.pt): first use.
+            # Placed by hand (e.g. an authors' gaussian_fit.pt): pinned on first use.
             pin_checksum(key, actual, cache=root)
         elif actual != expected:
             how = "published" if file.sha256 else "pinned on first use"
@@ -530,7 +530,7 @@ def _entry_digest(entry: ModelEntry, digests: Mapping[str, str]) -> str:
     """Combined digest of the files that determine the model's output.
 
     A derived file whose source is present adds no information and is left out, so the identity
-    of the model does not change when a loader computes gaussian_fit.pt beside mapping.pt.
+    of the model does not change when a gaussian_fit.pt derived from mapping.pt is added.
     """
     independent = {
         rel: digest

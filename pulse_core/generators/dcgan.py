@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import Generator
+from pulse_core.generators.base import FeatureEdit, Generator
 
 
 class DCGANGenerator(Generator):
@@ -53,13 +53,27 @@ class DCGANGenerator(Generator):
     def latent_dim(self) -> int:
         return self.nz
 
-    def feature_layers(self) -> dict[str, nn.Module]:
-        """The ReLU after each hidden block: 4x4, 8x8, 16x16, 32x32."""
-        return {f"{4 * 2**i}x{4 * 2**i}": self.main[3 * i + 2] for i in range(4)}
+    def feature_layers(self) -> dict[str, int]:
+        """The ReLU output of each hidden block: 4x4, 8x8, 16x16, 32x32."""
+        return {name: side for name, (_, side) in self._split_points().items()}
 
-    def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+    def _split_points(self) -> dict[str, tuple[int, int]]:
+        """name -> (index in `main` of the ReLU closing the block, its side)."""
+        return {f"{4 * 2**i}x{4 * 2**i}": (3 * i + 2, 4 * 2**i) for i in range(4)}
+
+    def synthesize(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
         assert w.ndim == 3 and w.shape[1:] == (1, self.nz), f"w must be (B, 1, {self.nz})"
-        return self.main(w.reshape(w.shape[0], self.nz, 1, 1))
+        x = w.reshape(w.shape[0], self.nz, 1, 1)
+        if edit is None:
+            return self.main(x)
+        after = {index: name for name, (index, _) in self._split_points().items()}
+        for index, layer in enumerate(self.main):
+            x = layer(x)
+            if index in after:
+                x = edit(after[index], x)
+        return x
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> DCGANGenerator:

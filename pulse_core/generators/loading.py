@@ -11,7 +11,6 @@ never code.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import threading
 from pathlib import Path
@@ -23,13 +22,15 @@ from pulse_core.generators import catalogue, nvidia_pickle, rosinality
 from pulse_core.generators.base import Generator
 from pulse_core.generators.dcgan import DCGANGenerator
 from pulse_core.generators.gaussian_fit import (
+    LEAKY_RELU,
     GaussianFit,
+    cached_gaussian_fit,
     compute_gaussian_fit,
     load_gaussian_fit,
-    save_gaussian_fit,
 )
 from pulse_core.generators.stylegan1 import (
     StyleGAN1Generator,
+    StyleGAN1Mapping,
     mapping_from_state_dict,
     synthesis_from_state_dict,
 )
@@ -157,25 +158,27 @@ def _load_stylegan1(synthesis_path: Path, state: dict) -> StyleGAN1Generator:
             raise ModelFileError(f"{folder / 'mapping.pt'} is not a state_dict")
         mapping = mapping_from_state_dict(mapping_state)
     fit = gaussian_fit_for(folder, mapping)
-    if fit.mean.numel() != synthesis.w_dim:
-        raise ModelFileError(
-            f"Gaussian fit has {fit.mean.numel()} dims but the synthesis network takes {synthesis.w_dim}"
-        )
-    return StyleGAN1Generator(synthesis, fit.mean, fit.std, mapping=mapping)
+    return StyleGAN1Generator(synthesis, fit.mean, fit.std, mapping=mapping)  # checks its size
 
 
-def gaussian_fit_for(folder: Path, mapping: torch.nn.Module | None) -> GaussianFit:
-    """The fit beside the weights, or computed from the mapping network and cached there."""
-    fit_path = folder / "gaussian_fit.pt"
-    if fit_path.is_file():
-        return load_gaussian_fit(fit_path)
+def gaussian_fit_for(folder: Path, mapping: StyleGAN1Mapping | None) -> GaussianFit:
+    """The authors' fit shipped beside the weights, else the one computed from `mapping.pt`.
+
+    A computed fit follows the cache policy of every family (`cached_gaussian_fit`): kept in the
+    model cache under the sha256 of `mapping.pt`, the file it derives from, never written into
+    the model folder (which may be read-only, shared, or a user's own).
+    """
+    shipped = folder / "gaussian_fit.pt"
+    if shipped.is_file():
+        return load_gaussian_fit(shipped)
     if mapping is None:
         raise ModelFileError(
             f"no gaussian_fit.pt and no mapping.pt in {folder}: StyleGAN v1 needs one of them "
-            "(the fit is computed from mapping.pt once and cached beside it)"
+            "(the fit is computed from mapping.pt once and cached)"
         )
-    z_dim = mapping.dense0.weight.shape[1]  # type: ignore[union-attr]
-    fit = compute_gaussian_fit(mapping.eval(), z_dim=int(z_dim))
-    with contextlib.suppress(OSError):  # a read-only model folder: recomputed next time
-        save_gaussian_fit(fit, fit_path)
-    return fit
+    net = mapping.eval()
+    return cached_gaussian_fit(
+        lambda: compute_gaussian_fit(net, z_dim=net.z_dim, inverse=LEAKY_RELU.inverse),
+        sha256_of(folder / "mapping.pt"),
+        dims=net.w_dim,
+    )

@@ -39,13 +39,12 @@ from typing import Any
 import torch
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.gaussian_fit import FIT_SAMPLES, FIT_SEED
+from pulse_core.generators.gaussian_fit import FIT_SAMPLES, FIT_SEED, ensure_gaussian_fit
 from pulse_core.generators.stylegan2 import (
     MappingNetwork,
     StyleGAN2Generator,
     SynthesisNetwork,
     check_coverage,
-    ensure_gaussian_fit,
 )
 
 _STYLE_RE = re.compile(r"^style\.(\d+)\.weight$")

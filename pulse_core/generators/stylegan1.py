@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import Generator
+from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.gaussian_fit import LEAKY_RELU, GaussianFit
 
 SQRT2 = math.sqrt(2.0)
 _T = TypeVar("_T")
@@ -417,6 +418,15 @@ class StyleGAN1Synthesis(nn.Module):
         return 2 * len(self.blocks)
 
     @property
+    def num_ws(self) -> int:
+        """Style inputs (= num_layers): the name StyleGenerator shares with NVIDIA's networks."""
+        return self.num_layers
+
+    @property
+    def img_resolution(self) -> int:
+        return self.resolution
+
+    @property
     def fast_path(self) -> bool:
         return bool(self.torgb.fast_path)
 
@@ -436,13 +446,20 @@ class StyleGAN1Synthesis(nn.Module):
         self.clear_cache()  # .to() / .float() etc.: do not keep derived tensors on the old device
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        w: torch.Tensor,  # (B, num_layers, w_dim)
+        noise: list[torch.Tensor],  # num_layers maps (B or 1, 1, side, side)
+        edit: FeatureEdit | None = None,  # applied to each block's output, by the block's name
+    ) -> torch.Tensor:
         assert w.ndim == 3 and w.shape[1] == self.num_layers, f"w must be (B, {self.num_layers}, D)"
         assert len(noise) == self.num_layers, f"need {self.num_layers} noise maps"
         x = torch.empty(0)
-        for i, block in enumerate(self.blocks.values()):
+        for i, (name, block) in enumerate(self.blocks.items()):
             ws, ns = w[:, 2 * i : 2 * i + 2], noise[2 * i : 2 * i + 2]
             x = block(w.shape[0], ws, ns) if i == 0 else block(x, ws, ns)
+            if edit is not None:
+                x = edit(name, x)
         # the fast path runs channels-last on the CPU; callers get the usual contiguous layout
         return self.torgb(x).contiguous()
 
@@ -452,6 +469,8 @@ class StyleGAN1Mapping(nn.Module):
 
     def __init__(self, z_dim: int = 512, w_dim: int = 512, depth: int = 8) -> None:
         super().__init__()
+        self.z_dim = z_dim
+        self.w_dim = w_dim
         self.depth = depth
         for i in range(depth):
             self.add_module(f"dense{i}", EqualLinear(z_dim if i == 0 else w_dim, w_dim, lrmul=0.01))
@@ -466,10 +485,11 @@ class StyleGAN1Mapping(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-class StyleGAN1Generator(Generator):
+class StyleGAN1Generator(StyleGenerator):
     """Synthesis + Gaussian fit of W (+ the mapping network when it was loaded)."""
 
     family = "stylegan1"
+    final_activation = LEAKY_RELU  # the mapping ends in LeakyReLU(0.2), no gain
 
     def __init__(
         self,
@@ -481,34 +501,21 @@ class StyleGAN1Generator(Generator):
         super().__init__()
         self.synthesis = synthesis
         self.mapping = mapping
-        self.register_buffer("fit_mean", fit_mean.detach().float().clone())
-        self.register_buffer("fit_std", fit_std.detach().float().clone())
-
-    @property
-    def resolution(self) -> int:
-        return self.synthesis.resolution
-
-    @property
-    def num_latents(self) -> int:
-        return self.synthesis.num_layers
-
-    @property
-    def latent_dim(self) -> int:
-        return self.synthesis.w_dim
+        # persistent: a StyleGAN v1 generator's state_dict has always carried its fit
+        self._init_fit(GaussianFit(mean=fit_mean, std=fit_std), persistent=True)
 
     @property
     def noise_shapes(self) -> tuple[tuple[int, int], ...]:
         return tuple((2 ** (i // 2 + 2), 2 ** (i // 2 + 2)) for i in range(self.num_latents))
 
-    def feature_layers(self) -> dict[str, nn.Module]:
+    def feature_layers(self) -> dict[str, int]:
         """Each block's output feature map: "4x4", "8x8", ... (the side before toRGB)."""
-        return dict(self.synthesis.blocks.items())
+        return {name: 2 ** (i + 2) for i, name in enumerate(self.synthesis.blocks)}
 
-    def prior(self, latent: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(latent * self.fit_std + self.fit_mean, 0.2)
-
-    def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
-        return self.synthesis(w, noise)
+    def synthesize(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
+        return self.synthesis(w, noise, edit)
 
 
 # ----------------------------------------------------------------------------
@@ -547,11 +554,5 @@ def mapping_from_state_dict(state: dict[str, torch.Tensor]) -> StyleGAN1Mapping:
 
 
 def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    result = net.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
-    if problems:
-        raise ModelFileError(f"StyleGAN v1 {what} file does not match: " + "; ".join(problems))
+    require_same_tensors(net.state_dict(), state, f"StyleGAN v1 {what} file does not match")
+    net.load_state_dict(state, strict=True)

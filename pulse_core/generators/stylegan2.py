@@ -25,11 +25,8 @@ activation undone: the mapping ends in `gain * leaky_relu(x, 0.2)` with gain sqr
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,15 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import Generator
-from pulse_core.generators.gaussian_fit import (
-    FIT_CHUNK,
-    FIT_SAMPLES,
-    FIT_SEED,
-    GaussianFit,
-    load_gaussian_fit,
-    save_gaussian_fit,
-)
+from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.fir import setup_filter, upfirdn2d, upsample2d
+from pulse_core.generators.gaussian_fit import FinalActivation, GaussianFit
+
+# The fit's cache policy lives in gaussian_fit.py (one for every family); these names stay
+# importable from here for nvidia_pickle.py and older callers.
+from pulse_core.generators.gaussian_fit import ensure_gaussian_fit as ensure_gaussian_fit
+from pulse_core.generators.gaussian_fit import fit_cache_path as fit_cache_path
+from pulse_core.generators.gaussian_fit import load_cached_fit as load_cached_fit
+from pulse_core.generators.gaussian_fit import store_cached_fit as store_cached_fit
 
 SQRT2 = math.sqrt(2.0)
 
@@ -68,96 +66,7 @@ def _activation(name: str) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------
-# Resampling (upfirdn2d semantics) and the other pure functions.
-
-
-def setup_filter(taps: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """The normalised FIR filter NVIDIA's `setup_filter` makes from 1-D taps.
-
-    Fewer than 8 taps: the 2-D outer product (the [1, 3, 3, 1] case, a (4, 4) tensor);
-    8 or more: kept 1-D and applied separably. Normalised to sum 1 (DC gain 1).
-    """
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    if f.ndim == 0:
-        f = f[None]
-    if f.ndim == 1 and f.numel() < 8:
-        f = torch.outer(f, f)
-    return f / f.sum()
-
-
-def _parse_padding(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """(x0, x1, y0, y1) from an int, (x, y) or (x0, x1, y0, y1)."""
-    if isinstance(padding, int):
-        return padding, padding, padding, padding
-    if len(padding) == 2:
-        return padding[0], padding[0], padding[1], padding[1]
-    x0, x1, y0, y1 = padding
-    return x0, x1, y0, y1
-
-
-def upfirdn2d(
-    x: torch.Tensor,  # [N, C, H, W]
-    f: torch.Tensor | None,  # [fh, fw] filter, [taps] (separable), or None (identity)
-    up: int = 1,  # upsampling factor: zeros inserted after each pixel
-    down: int = 1,  # downsampling factor: every `down`-th pixel kept after filtering
-    padding: int | Sequence[int] = 0,  # w.r.t. the upsampled image; negative crops
-    flip_filter: bool = False,  # False = convolution (NVIDIA's default), True = correlation
-    gain: float = 1.0,  # overall signal gain (the filter is scaled by gain ** (ndim / 2))
-) -> torch.Tensor:
-    """Upsample by zero insertion, pad, FIR-filter, downsample: NVIDIA's `upfirdn2d`.
-
-    The zero insertion and the filter run as one depthwise transposed convolution with stride
-    `up` (the same sums without materialising the zeros), followed by the padding/cropping that
-    aligns it with the reference; without upsampling it is a padded depthwise convolution.
-    """
-    assert x.ndim == 4, f"expected [N, C, H, W], got {tuple(x.shape)}"
-    if f is None:
-        f = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-    px0, px1, py0, py1 = _parse_padding(padding)
-    n, c, h, w = x.shape
-    y = x.reshape(n * c, 1, h, w)
-    if f.ndim == 2:
-        y = _fir_pass(y, f * gain, up, (px0, px1, py0, py1), flip_filter)
-    else:
-        g = gain**0.5
-        y = _fir_pass(y, f[None, :] * g, up, (px0, px1, 0, 0), flip_filter, axis="x")
-        y = _fir_pass(y, f[:, None] * g, up, (0, 0, py0, py1), flip_filter, axis="y")
-    if down > 1:
-        y = y[:, :, ::down, ::down]
-    return y.reshape(n, c, y.shape[2], y.shape[3])
-
-
-def _fir_pass(
-    y: torch.Tensor,  # [M, 1, H, W]
-    f: torch.Tensor,  # [kh, kw] already scaled by its gain
-    up: int,
-    padding: tuple[int, int, int, int],
-    flip_filter: bool,
-    axis: str = "xy",  # which axes are upsampled (one axis for a separable pass)
-) -> torch.Tensor:
-    px0, px1, py0, py1 = padding
-    kh, kw = f.shape
-    k = f.to(y.dtype)
-    if up == 1:
-        # Reference: pad, then correlate with the flipped filter (= convolve with f).
-        k = k if flip_filter else k.flip(0, 1)
-        y = F.pad(y, [px0, px1, py0, py1])
-        return F.conv2d(y, k[None, None])
-    # conv_transpose2d(x, k, stride) computes y[i] = sum_j x[j] k[i - up*j]: the convolution of
-    # the zero-inserted signal with k. Its sample i sits at reference index i + k - 1 - pad0.
-    k = k.flip(0, 1) if flip_filter else k
-    sy = up if "y" in axis else 1
-    sx = up if "x" in axis else 1
-    y = F.conv_transpose2d(y, k[None, None], stride=(sy, sx))
-    return F.pad(y, [px0 - (kw - 1), px1 + sx - kw, py0 - (kh - 1), py1 + sy - kh])
-
-
-def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
-    """x2 FIR upsampling with the output a multiple of the input (the skip images' path)."""
-    fw = f.shape[-1]
-    fh = f.shape[0]
-    p = [(fw + up - 1) // 2, (fw - up) // 2, (fh + up - 1) // 2, (fh - up) // 2]
-    return upfirdn2d(x, f, up=up, padding=p, gain=up * up)
+# Resampled convolution (FIR resampling: fir.py) and the other pure functions.
 
 
 def conv2d_resample(
@@ -704,6 +613,8 @@ class SynthesisNetwork(nn.Module):
         ws: torch.Tensor,  # [N, num_ws, w_dim]
         noise: Sequence[torch.Tensor | None] | None = None,  # one unit-noise map per layer
         # that has a noise input ([N or 1, 1, r, r]); None = no noise ('none' noise mode)
+        edit: FeatureEdit | None = None,  # applied to each block's features x (not its skip
+        # image), by the block's name "b{res}"; None = the plain network
     ) -> torch.Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"ws must be [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}"
@@ -722,100 +633,17 @@ class SynthesisNetwork(nn.Module):
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             block_noise = [by_layer[id(layer)] for layer in block.layers()]
             x, img = block(x, img, block_ws, block_noise)
+            if edit is not None:
+                x = edit(f"b{block.resolution}", x)
             w_idx += block.num_conv
         assert img is not None
         return img
 
 
 # ----------------------------------------------------------------------------
-# The Gaussian fit of W with the mapping's final activation undone.
 
 
-@dataclass(frozen=True)
-class FinalActivation:
-    """The mapping network's last activation, `gain * leaky_relu(x, slope)`, and its inverse."""
-
-    slope: float  # negative slope (1 = linear)
-    gain: float  # output gain (sqrt(2) for NVIDIA's and rosinality's lrelu)
-
-    @classmethod
-    def of(cls, activation: str) -> FinalActivation:
-        slope, gain = _activation(activation)
-        return cls(slope=slope, gain=gain)
-
-    @property
-    def invertible(self) -> bool:
-        return self.slope > 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x if self.slope == 1 else F.leaky_relu(x, self.slope)
-        return y * self.gain if self.gain != 1 else y
-
-    def inverse(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.invertible:
-            raise ModelFileError(
-                "the mapping network ends in a ReLU, which cannot be inverted: PULSE's Gaussian "
-                "fit of W needs an invertible final activation"
-            )
-        x = w / self.gain if self.gain != 1 else w
-        return x if self.slope == 1 else F.leaky_relu(x, 1.0 / self.slope)
-
-
-@torch.no_grad()
-def compute_inverted_gaussian_fit(
-    mapping: Callable[[torch.Tensor], torch.Tensor],  # z [n, z_dim] -> w [n, w_dim]
-    inverse: Callable[[torch.Tensor], torch.Tensor],  # undoes the mapping's final activation
-    z_dim: int,
-    samples: int = FIT_SAMPLES,
-    seed: int = FIT_SEED,
-    chunk: int = FIT_CHUNK,
-    device: torch.device | str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-) -> GaussianFit:
-    """Mean and unbiased std of inverse(mapping(z)), z ~ N(0, I), in chunks.
-
-    `gaussian_fit.compute_gaussian_fit` with the inverse supplied by the network family (it
-    hard-codes StyleGAN v1's LeakyReLU(5)); z's are drawn chunk after chunk from one CPU
-    generator seeded with `seed`, sums kept in float64, so results do not depend on the device.
-    """
-    if samples < 2:
-        raise ValueError("a Gaussian fit needs at least 2 samples")
-    gen = torch.Generator().manual_seed(seed)
-    total = total_sq = None
-    done = 0
-    while done < samples:
-        n = min(chunk, samples - done)
-        z = torch.randn(n, z_dim, generator=gen).to(device)
-        x = inverse(mapping(z)).double().cpu()
-        if total is None or total_sq is None:
-            total = torch.zeros(x.shape[1], dtype=torch.float64)
-            total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
-        total += x.sum(0)
-        total_sq += x.pow(2).sum(0)
-        done += n
-        if progress:
-            progress(done, samples)
-    assert total is not None and total_sq is not None
-    mean = total / samples
-    var = (total_sq - samples * mean.pow(2)) / (samples - 1)
-    return GaussianFit(mean=mean.float(), std=var.clamp(min=0).sqrt().float())
-
-
-def fit_cache_path(checksum: str, samples: int, seed: int) -> Path:
-    """Where the fit of the model with this sha256 is kept: `<cache>/.gaussian-fits/...`.
-
-    Hidden (ignored by the catalogue's folder digests) and keyed by the model's checksum, so a
-    fit never lands beside a user's files and never outlives the bytes it was computed from.
-    """
-    from pulse_core.generators.cache import cache_dir
-
-    return cache_dir() / ".gaussian-fits" / f"{checksum}-n{samples}-s{seed}.pt"
-
-
-# ----------------------------------------------------------------------------
-
-
-class StyleGAN2Generator(Generator):
+class StyleGAN2Generator(StyleGenerator):
     """NVIDIA's StyleGAN2 generator (`mapping` + `synthesis`) behind PULSE's protocol.
 
     `prior` maps the search's latent [B, num_ws, w_dim] to W+ through the Gaussian fit of the
@@ -840,11 +668,8 @@ class StyleGAN2Generator(Generator):
             raise ModelFileError("mapping and synthesis networks do not fit together")
         self.mapping = mapping
         self.synthesis = synthesis
-        self.final_activation = FinalActivation.of(mapping.activation)
-        self.register_buffer("fit_mean", torch.zeros(0), persistent=False)
-        self.register_buffer("fit_std", torch.zeros(0), persistent=False)
-        if fit is not None:
-            self.set_gaussian_fit(fit)
+        self.final_activation = FinalActivation(*_activation(mapping.activation))
+        self._init_fit(fit, persistent=False)  # state_dict() keys stay exactly NVIDIA's
 
     # -- construction from NVIDIA's init kwargs -------------------------------------------------
 
@@ -879,72 +704,17 @@ class StyleGAN2Generator(Generator):
     # -- the PULSE protocol ---------------------------------------------------------------------
 
     @property
-    def resolution(self) -> int:
-        return self.synthesis.img_resolution
-
-    @property
-    def num_latents(self) -> int:
-        return self.synthesis.num_ws
-
-    @property
-    def latent_dim(self) -> int:
-        return self.synthesis.w_dim
-
-    @property
-    def z_dim(self) -> int:
-        return self.mapping.z_dim
-
-    @property
     def noise_shapes(self) -> tuple[tuple[int, int], ...]:
         return tuple((m.resolution, m.resolution) for m in self.synthesis.layers() if m.use_noise)
 
-    @property
-    def has_gaussian_fit(self) -> bool:
-        return self.fit_mean.numel() > 0
-
-    def set_gaussian_fit(self, fit: GaussianFit) -> None:
-        if fit.mean.shape != (self.latent_dim,) or fit.std.shape != (self.latent_dim,):
-            raise ModelFileError(
-                f"Gaussian fit has {tuple(fit.mean.shape)} dims, the network's W has "
-                f"{self.latent_dim}"
-            )
-        device = self.synthesis.b4.const.device
-        self.fit_mean = fit.mean.detach().float().to(device).clone()
-        self.fit_std = fit.std.detach().float().to(device).clone()
-
-    def compute_gaussian_fit(
-        self,
-        samples: int = FIT_SAMPLES,
-        seed: int = FIT_SEED,
-        chunk: int = FIT_CHUNK,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> GaussianFit:
-        """The fit of this mapping network's W with its final activation undone."""
-        device = self.synthesis.b4.const.device
-        return compute_inverted_gaussian_fit(
-            self.mapping,
-            self.final_activation.inverse,
-            self.z_dim,
-            samples=samples,
-            seed=seed,
-            chunk=chunk,
-            device=device,
-            progress=progress,
-        )
-
-    def feature_layers(self) -> dict[str, nn.Module]:
+    def feature_layers(self) -> dict[str, int]:
         """Each synthesis block's feature output (its (x, img) tuple's x): b4 ... bR."""
-        return {f"b{b.resolution}": b for b in self.synthesis.blocks()}
+        return {f"b{res}": res for res in self.synthesis.block_resolutions}
 
-    def prior(self, latent: torch.Tensor) -> torch.Tensor:
-        if not self.has_gaussian_fit:
-            raise ModelFileError(
-                f"{self.model_id}: no Gaussian fit of W yet (call ensure_gaussian_fit)"
-            )
-        return self.final_activation.forward(latent * self.fit_std + self.fit_mean)
-
-    def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
-        return self.synthesis(w, noise if self.noise_shapes else None)
+    def synthesize(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
+        return self.synthesis(w, noise if self.noise_shapes else None, edit)
 
     # -- conveniences ---------------------------------------------------------------------------
 
@@ -964,45 +734,6 @@ class StyleGAN2Generator(Generator):
     def const_noise(self) -> list[torch.Tensor]:
         """The stored `noise_const` maps as [1, 1, r, r] (NVIDIA's noise_mode='const')."""
         return [m.noise_const[None, None] for m in self.synthesis.layers() if m.use_noise]
-
-
-def load_cached_fit(checksum: str | None, samples: int, seed: int) -> GaussianFit | None:
-    """The fit cached for the model file with this sha256, if any (None on any problem)."""
-    if not checksum:
-        return None
-    with contextlib.suppress(ModelFileError, OSError):
-        path = fit_cache_path(checksum, samples, seed)
-        if path.is_file():
-            return load_gaussian_fit(path)
-    return None
-
-
-def store_cached_fit(fit: GaussianFit, checksum: str | None, samples: int, seed: int) -> None:
-    """Keep a fit for the model file with this sha256 (silently skipped if the cache is
-    read-only: it is recomputed next time)."""
-    if not checksum:
-        return
-    with contextlib.suppress(ModelFileError, OSError):
-        path = fit_cache_path(checksum, samples, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_gaussian_fit(fit, path)
-
-
-def ensure_gaussian_fit(
-    generator: Any,  # has compute_gaussian_fit(samples, seed) and set_gaussian_fit(fit)
-    checksum: str | None,  # sha256 of the model file: the fit's cache key (None = no caching)
-    samples: int = FIT_SAMPLES,
-    seed: int = FIT_SEED,
-    use_cache: bool = True,
-) -> GaussianFit:
-    """Load this model's fit from the cache, or compute it once and cache it; set it."""
-    fit = load_cached_fit(checksum, samples, seed) if use_cache else None
-    if fit is None or fit.mean.shape != (generator.latent_dim,):
-        fit = generator.compute_gaussian_fit(samples=samples, seed=seed)
-        if use_cache:
-            store_cached_fit(fit, checksum, samples, seed)
-    generator.set_gaussian_fit(fit)
-    return fit
 
 
 # ----------------------------------------------------------------------------
@@ -1093,22 +824,6 @@ def check_coverage(
     ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], source: str
 ) -> None:
     """Every tensor of the file has a place in our network and every one of ours is filled."""
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    shapes = sorted(
-        f"{k} {tuple(theirs[k].shape)} != {tuple(ours[k].shape)}"
-        for k in set(ours) & set(theirs)
-        if tuple(theirs[k].shape) != tuple(ours[k].shape)
+    require_same_tensors(
+        ours, theirs, f"the {source} does not match the StyleGAN2 architecture it declares"
     )
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}")
-    if shapes:
-        problems.append(f"wrong shape(s): {'; '.join(shapes[:8])}")
-    if problems:
-        raise ModelFileError(
-            f"the {source} does not match the StyleGAN2 architecture it declares: "
-            + "; ".join(problems)
-        )

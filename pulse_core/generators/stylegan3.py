@@ -27,7 +27,7 @@ scale exactly, up to its 1e-8 epsilon), so the rows of a batch never influence e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -36,14 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import Generator
-from pulse_core.generators.gaussian_fit import (
-    FIT_CHUNK,
-    FIT_SAMPLES,
-    FIT_SEED,
-    GaussianFit,
-    compute_gaussian_fit,
-)
+from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.fir import upfirdn2d
+from pulse_core.generators.gaussian_fit import FIT_CHUNK, FIT_SAMPLES, NVIDIA_LRELU, GaussianFit
 
 SQRT2 = math.sqrt(2.0)
 Pad4 = tuple[int, int, int, int]
@@ -126,66 +121,8 @@ def design_lowpass_filter(
 
 
 # ----------------------------------------------------------------------------
-# Resampling and the filtered nonlinearity (the math of NVIDIA's `_upfirdn2d_ref` and
-# `_filtered_lrelu_ref`, with strided and transposed depthwise convolutions instead of zero
-# insertion and full-resolution filtering followed by decimation).
-
-
-def _pad_axis(x: torch.Tensor, axis: int, before: int, after: int) -> torch.Tensor:
-    """Zero-pad (or crop, for negative amounts) dim `axis` (2 = H, 3 = W) of an NCHW tensor."""
-    if before == 0 and after == 0:
-        return x
-    pads = [before, after, 0, 0] if axis == 3 else [0, 0, before, after]
-    return F.pad(x, pads)
-
-
-def _fir_pass(
-    x: torch.Tensor,
-    f: torch.Tensor,  # (kh, kw) taps, already scaled by the gain; a row or column for one axis
-    up: tuple[int, int],  # (up_y, up_x) zero-insertion factors
-    down: tuple[int, int],  # (down_y, down_x) decimation factors
-    pad: Pad4,  # (y0, y1, x0, x1) padding of the upsampled image; < 0 crops
-) -> torch.Tensor:
-    """upfirdn2d with a 2-D kernel: zero-insert, pad, convolve (true convolution), decimate.
-
-    Upsampling is a transposed convolution (the zero-inserted signal convolved with f, computed
-    without the zeros), cropped/padded to the window the padding selects; without upsampling it is
-    a padded strided convolution with the flipped kernel.
-    """
-    c = x.shape[1]
-    kh, kw = f.shape
-    weight = f.to(x.dtype)[None, None].expand(c, 1, kh, kw)
-    if up == (1, 1):
-        x = _pad_axis(_pad_axis(x, 2, pad[0], pad[1]), 3, pad[2], pad[3])
-        return F.conv2d(x, weight.flip(2, 3), stride=down, groups=c)
-    # full convolution of the zero-inserted input: output index j is upfirdn's j + k - 1 - pad0
-    x = F.conv_transpose2d(x, weight, stride=up, groups=c)
-    x = _pad_axis(x, 2, pad[0] - (kh - 1), pad[1] + up[0] - kh)
-    x = _pad_axis(x, 3, pad[2] - (kw - 1), pad[3] + up[1] - kw)
-    if down != (1, 1):
-        x = x[:, :, :: down[0], :: down[1]]
-    return x
-
-
-def upfirdn2d(
-    x: torch.Tensor,  # (N, C, H, W)
-    f: torch.Tensor | None,  # (k,) separable, (k, k) full, or None = identity
-    up: int = 1,  # upsampling factor (zeros inserted after each pixel)
-    down: int = 1,  # downsampling factor (every down-th pixel kept)
-    padding: Pad4 = (0, 0, 0, 0),  # (x0, x1, y0, y1) w.r.t. the upsampled image; < 0 crops
-    gain: float = 1.0,  # overall gain: up**2 keeps the DC level when upsampling
-) -> torch.Tensor:
-    """Upsample, pad, FIR-filter (convolution, not correlation) and downsample each channel."""
-    assert x.ndim == 4
-    px0, px1, py0, py1 = padding
-    if f is None:
-        f = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-    if f.ndim == 2:
-        return _fir_pass(x, f * gain, (up, up), (down, down), (py0, py1, px0, px1))
-    # separable: the same filter along W, then along H, each carrying sqrt(gain)
-    taps = f * gain**0.5
-    x = _fir_pass(x, taps[None, :], (1, up), (1, down), (0, 0, px0, px1))
-    return _fir_pass(x, taps[:, None], (up, 1), (down, 1), (py0, py1, 0, 0))
+# The filtered nonlinearity (the math of NVIDIA's `_filtered_lrelu_ref`, on the shared FIR
+# resampling of fir.py).
 
 
 def filtered_lrelu(
@@ -665,14 +602,29 @@ class StyleGAN3Synthesis(nn.Module):
     def layers(self) -> list[SynthesisLayer]:
         return [getattr(self, name) for name in self.layer_names]
 
-    def forward(self, ws: torch.Tensor) -> torch.Tensor:
+    def feature_sides(self) -> dict[str, int]:
+        """Side of each feature map `forward` hands to `edit`: "input", then every layer."""
+        sides = {"input": self.input.size}
+        sides.update({name: getattr(self, name).out_size for name in self.layer_names})
+        return sides
+
+    def forward(
+        self,
+        ws: torch.Tensor,  # (N, num_ws, w_dim)
+        edit: FeatureEdit | None = None,  # applied to the input's and each layer's output, by
+        # name ("input", "L0_36_512", ...); None = the plain network
+    ) -> torch.Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"ws must be (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}"
         )
         w_list = ws.to(torch.float32).unbind(dim=1)
         x = self.input(w_list[0])
-        for layer, w in zip(self.layers(), w_list[1:], strict=True):
+        if edit is not None:
+            x = edit("input", x)
+        for name, layer, w in zip(self.layer_names, self.layers(), w_list[1:], strict=True):
             x = layer(x, w)
+            if edit is not None:
+                x = edit(name, x)
         if self.output_scale != 1:
             x = x * self.output_scale
         assert x.shape[1:] == (self.img_channels, self.img_resolution, self.img_resolution)
@@ -723,31 +675,7 @@ _SYNTHESIS_KEYS = {
 }
 
 
-def fit_gaussian(
-    mapping: StyleGAN3Mapping,
-    samples: int = FIT_SAMPLES,
-    seed: int = FIT_SEED,
-    chunk: int = FIT_CHUNK,
-    device: torch.device | str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-) -> GaussianFit:
-    """Mean/std of the mapping's final pre-activation: the inverse of w = sqrt(2) * lrelu_0.2(x).
-
-    The shared `compute_gaussian_fit` applies LeakyReLU(5), which undoes LeakyReLU(0.2); the
-    extra 1 / sqrt(2) here undoes the gain of StyleGAN3's 'lrelu' activation first.
-    """
-    return compute_gaussian_fit(
-        lambda z: mapping.features(z) / SQRT2,
-        z_dim=mapping.z_dim,
-        samples=samples,
-        seed=seed,
-        chunk=chunk,
-        device=device,
-        progress=progress,
-    )
-
-
-class StyleGAN3Generator(Generator):
+class StyleGAN3Generator(StyleGenerator):
     """Mapping + synthesis (no noise inputs) + the Gaussian fit of the mapping's pre-activations.
 
     PULSE searches W+ (one w per synthesis input, num_layers + 2 of them) through
@@ -755,57 +683,42 @@ class StyleGAN3Generator(Generator):
     """
 
     family = "stylegan3"
+    final_activation = NVIDIA_LRELU  # every mapping layer ends in 'lrelu' (slope 0.2, gain sqrt(2))
 
     def __init__(
         self,
         mapping: StyleGAN3Mapping,
         synthesis: StyleGAN3Synthesis,
-        fit: GaussianFit,  # mean/std of the mapping's final pre-activation (see fit_gaussian)
+        fit: GaussianFit | None,  # mean/std of the mapping's final pre-activation; None until
+        # computed (`compute_gaussian_fit`) or loaded
         init_kwargs: Mapping[str, Any] | None = None,  # NVIDIA's G init kwargs, for reference
     ) -> None:
         super().__init__()
-        if fit.mean.numel() != synthesis.w_dim or fit.std.numel() != synthesis.w_dim:
-            raise ModelFileError(
-                f"Gaussian fit has {fit.mean.numel()} dims, the network's w {synthesis.w_dim}"
-            )
         self.synthesis = synthesis  # registered first: state_dict() in NVIDIA's key order
         self.mapping = mapping
         self.init_kwargs = dict(init_kwargs or {})
-        # not persistent: state_dict() keys are exactly NVIDIA's G_ema keys
-        self.register_buffer("fit_mean", fit.mean.detach().float().reshape(-1).clone(), False)
-        self.register_buffer("fit_std", fit.std.detach().float().reshape(-1).clone(), False)
+        self._init_fit(fit, persistent=False)  # state_dict() keys are exactly NVIDIA's G_ema keys
 
     # --- the Generator protocol -------------------------------------------------
-
-    @property
-    def resolution(self) -> int:
-        return self.synthesis.img_resolution
-
-    @property
-    def num_latents(self) -> int:
-        return self.synthesis.num_ws
-
-    @property
-    def latent_dim(self) -> int:
-        return self.synthesis.w_dim
 
     @property
     def noise_shapes(self) -> tuple[tuple[int, int], ...]:
         return ()  # StyleGAN3 has no noise inputs: samples differ by their starts only
 
-    def feature_layers(self) -> dict[str, nn.Module]:
+    def feature_layers(self) -> dict[str, int]:
         """The synthesis input and each layer L0 ... L{n}: their output feature maps."""
-        layers: dict[str, nn.Module] = {"input": self.synthesis.input}
-        layers.update({name: getattr(self.synthesis, name) for name in self.synthesis.layer_names})
-        return layers
+        return self.synthesis.feature_sides()
 
-    def prior(self, latent: torch.Tensor) -> torch.Tensor:
-        return SQRT2 * F.leaky_relu(latent * self.fit_std + self.fit_mean, 0.2)
+    def map_to_w(self, z: torch.Tensor) -> torch.Tensor:
+        """One w per z (the mapping's `features`, before broadcasting to every input)."""
+        return self.mapping.features(z)
 
-    def synthesize(self, w: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
+    def synthesize(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
         if noise:
             raise ValueError(f"StyleGAN3 takes no noise maps, got {len(noise)}")
-        return self.synthesis(w)
+        return self.synthesis(w, edit)
 
     # --- conveniences -------------------------------------------------------------
 
@@ -814,10 +727,6 @@ class StyleGAN3Generator(Generator):
         """'r' for 1x1 convolutions with radial filters, else 't'."""
         first = self.synthesis.layers()[0]
         return "r" if first.conv_kernel == 1 and first.down_radial else "t"
-
-    @property
-    def fit(self) -> GaussianFit:
-        return GaussianFit(mean=self.fit_mean.detach().cpu(), std=self.fit_std.detach().cpu())
 
     def forward(
         self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
@@ -882,12 +791,12 @@ class StyleGAN3Generator(Generator):
         *,
         fit: GaussianFit | None = None,
         fit_samples: int = FIT_SAMPLES,
-        fit_device: torch.device | str = "cpu",
     ) -> StyleGAN3Generator:
         """A frozen generator from NVIDIA's `G_ema` init kwargs and state_dict (strict load).
 
         `fit`: a cached Gaussian fit; None computes it from the mapping network (fit_samples z's
-        from seed 0, on fit_device) -- cache the result, it takes seconds per million samples.
+        from seed 0, on the CPU) -- cache the result (`gaussian_fit.cached_gaussian_fit`), it
+        takes seconds per million samples.
         """
         mapping, synthesis = cls.build(init_kwargs)
         container = nn.Module()
@@ -896,26 +805,16 @@ class StyleGAN3Generator(Generator):
         state = {
             k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()
         }
-        try:
-            result = container.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise ModelFileError(
-                f"StyleGAN3 weights do not fit the network their init kwargs describe: {exc}"
-            ) from None
-        problems = []
-        if result.missing_keys:
-            problems.append(f"missing keys {result.missing_keys[:5]}")
-        if result.unexpected_keys:
-            problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
-        if problems:
-            raise ModelFileError(
-                "StyleGAN3 weights do not match the network their init kwargs describe: "
-                + "; ".join(problems)
-            )
-        mapping.eval()
+        require_same_tensors(
+            container.state_dict(),
+            state,
+            "StyleGAN3 weights do not match the network their init kwargs describe",
+        )
+        container.load_state_dict(state, strict=True)
+        gen = cls(mapping, synthesis, fit, init_kwargs).freeze()
         if fit is None:
-            fit = fit_gaussian(mapping, samples=fit_samples, device=fit_device)
-        return cls(mapping, synthesis, fit, init_kwargs).freeze()
+            gen.set_gaussian_fit(gen.compute_gaussian_fit(samples=fit_samples))
+        return gen
 
     @classmethod
     def random(
@@ -971,7 +870,9 @@ class StyleGAN3Generator(Generator):
                 z = torch.randn(8, z_dim)
                 synthesis.calibrate_magnitudes(mapping(z))
                 mapping.w_avg.copy_(mapping.features(torch.randn(1000, z_dim)).mean(dim=0))
-        fit = fit_gaussian(mapping.eval(), samples=fit_samples, chunk=min(FIT_CHUNK, fit_samples))
-        gen = cls(mapping, synthesis, fit, init_kwargs)
+        gen = cls(mapping, synthesis, None, init_kwargs).freeze()
+        gen.set_gaussian_fit(
+            gen.compute_gaussian_fit(samples=fit_samples, chunk=min(FIT_CHUNK, fit_samples))
+        )
         gen.model_id = f"random-stylegan3-{config}-{resolution}-seed{seed}"
-        return gen.freeze()
+        return gen
