@@ -483,6 +483,12 @@ class Mode:
             None if self.budget_rounds is None else self.budget_rounds * SAMPLES * self.config.steps
         )
 
+    def search_config(self) -> SearchConfig:
+        """The config with its restart budget: the search's one budget concept, in rounds."""
+        if self.budget_rounds is None:
+            return self.config
+        return self.config.with_(restart_budget=float(self.budget_rounds))
+
 
 def modes(step_scale: float = 1.0) -> list[Mode]:
     def steps(n: int) -> int:
@@ -756,9 +762,8 @@ def evaluate_size(
             generator,
             SAMPLES,
             keys=keys,
-            config=mode.config,
+            config=mode.search_config(),
             seed=SEED,
-            step_budget=mode.step_budget(),
         )
         wall = time.perf_counter() - t0
         recs, feats = sample_records(mode.name, size, faces, lrs, results, generator, realism)

@@ -4,16 +4,16 @@ Two measurements, one per mode:
 
 - default: N LR inputs (64) restored by the Prefect flow (`flows.restore.restore_archive`, threads
   runner, one worker thread, local folders) and by the same library calls in a plain loop:
-  `discover`, `restore_items` on the same batches (`--batch-size` inputs each), `finalize_run`.
+  `discover`, `process_batch` on the same batches (`--inputs-per-task` inputs each), `finalize_run`.
   Both write the same PNGs, manifest parts, merged manifests and index, so the difference is
   what Prefect adds (task and flow runs, state changes, logs and artifacts sent to the API).
   Prefect's start-up (the temporary API, and the first flow call in the process) is timed on its
   own and excluded from the ratio. The model is loaded, and torch warmed up, before either path
   is timed; repeats alternate the order. Target: flow / direct <= 1.15 (min over repeats of
   each, the estimate least disturbed by other programs). Because searches on a shared machine
-  vary a lot from run to run, the time spent inside `restore_items` is also measured in both
+  vary a lot from run to run, the time spent inside `process_batch` is also measured in both
   paths: the time around it is what Prefect adds, and gives the ratio on equal work.
-- `--memory`: `restore_items` over 1,000 inputs in one process (`--steps 5` by default, to be
+- `--memory`: `process_batch` over 1,000 inputs in one process (`--steps 5` by default, to be
   quick), sampling the resident set size (VmRSS) after each batch: first, last, max and the
   slope after warm-up, with a pass/fail line ("worker memory stays flat").
 
@@ -88,11 +88,9 @@ def make_inputs(folder: Path, count: int, seed: int = 1234) -> list[str]:
 
 
 def settings_for(args: argparse.Namespace) -> Any:
-    from pulse_core.batch import RestoreSettings
+    from pulse_core.settings import build_settings
 
-    return RestoreSettings(
-        model="demo", samples=args.samples, steps=args.steps, seed=0, preset="reference"
-    )
+    return build_settings("reference", {"steps": args.steps}, model="demo", samples=args.samples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,9 +98,9 @@ def settings_for(args: argparse.Namespace) -> Any:
 
 
 class WorkClock:
-    """Wall time spent inside `restore_items`: the work both paths share, to the microsecond.
+    """Wall time spent inside `process_batch`: the work both paths share, to the microsecond.
 
-    The flow's task calls `tasks.restore.restore_items`; the bench swaps in a timed wrapper
+    The flow's task calls `tasks.restore.process_batch`; the bench swaps in a timed wrapper
     there (the threads runner runs tasks in this process) and uses the same wrapper in the
     direct loop. A run's wall time minus its work time is what surrounds the work: discovery,
     finalisation and, for the flow, everything Prefect does. Unlike a difference of two totals,
@@ -138,7 +136,7 @@ def run_direct(
     Batches run one at a time in a new single-thread pool, as the flow's threads runner with
     max_workers=1 runs them (a pool per run): the same work in the same kind of thread.
     """
-    from pulse_core.batch import discover, finalize_run
+    from pulse_core.pipeline import discover, finalize_run
     from pulse_core.storage import open_storage
 
     src, dst = open_storage(str(source)), open_storage(str(dest))
@@ -146,31 +144,28 @@ def run_direct(
     dst.check(create=True)
     found = discover(src, dst, args.samples, limit=limit)
     settings = settings_for(args)
-    size = args.batch_size
+    size = args.inputs_per_task
     batches = [found.pending[i : i + size] for i in range(0, len(found.pending), size)]
     ok = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         for n, keys in enumerate(batches):
             job = pool.submit(work, keys, src, dst, settings, run_id=run_id, batch_id=f"{n:05d}")
-            ok += job.result().ok
+            ok += job.result().ok_count
     finalize_run(dst, run_id)
     return {"ok": ok, "batches": len(batches)}
 
 
 def run_flow(source: Path, dest: Path, args: argparse.Namespace) -> dict:
     from flows.restore import restore_archive
+    from pulse_core.settings import PipelineOptions
 
     summary = restore_archive(
         str(source),
         str(dest),
-        model="demo",
-        samples=args.samples,
-        steps=args.steps,
-        preset="reference",  # the same fixed-length searches on both sides
-        batch_size=args.batch_size,
-        task_runner="threads",
-        max_workers=1,
-        seed=0,
+        settings=settings_for(args),  # the same fixed-length searches on both sides
+        options=PipelineOptions(
+            inputs_per_task=args.inputs_per_task, task_runner="threads", max_workers=1
+        ),
     )
     return {"ok": summary.ok, "fan_out_seconds": summary.seconds}
 
@@ -178,15 +173,15 @@ def run_flow(source: Path, dest: Path, args: argparse.Namespace) -> dict:
 def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
     from contextlib import ExitStack
 
-    from pulse_core.batch import restore_items
     from pulse_core.generators.loading import load_generator
+    from pulse_core.pipeline import process_batch
 
     source = workdir / "source"
     t = time.perf_counter()
     make_inputs(source, args.images)
     print(f"made {args.images} inputs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     clock = WorkClock()
-    timed_restore = clock.wrap(restore_items)
+    timed_restore = clock.wrap(process_batch)
 
     with ExitStack() as stack:
         startup: dict[str, Any] = {}
@@ -216,8 +211,10 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
         # Same state for both paths: model in the per-process cache, torch kernels initialised
         # (one batch with the real settings).
         load_generator("demo")
-        run_direct(source, workdir / "warm-up", args, "warm-up", restore_items, args.batch_size)
-        tasks.restore.restore_items = timed_restore  # the task now reports its work time too
+        run_direct(
+            source, workdir / "warm-up", args, "warm-up", process_batch, args.inputs_per_task
+        )
+        tasks.restore.process_batch = timed_restore  # the task now reports its work time too
 
         runs: list[dict] = []
         for rep in range(args.repeats):
@@ -238,13 +235,13 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
                 shutil.rmtree(dest, ignore_errors=True)
                 print(
                     f"repeat {rep} {kind:6s}: {out['seconds']:7.2f} s wall, of which "
-                    f"{out['work_seconds']:7.2f} s in restore_items ({out['ok']} ok), "
+                    f"{out['work_seconds']:7.2f} s in process_batch ({out['ok']} ok), "
                     f"load {os.getloadavg()[0]:.1f}",
                     file=sys.stderr,
                 )
             result["ratio"] = result["flow"]["seconds"] / result["direct"]["seconds"]
             runs.append(result)
-        tasks.restore.restore_items = restore_items
+        tasks.restore.process_batch = process_batch
 
     def med(kind: str, what: str) -> float:
         return statistics.median(r[kind][what] for r in runs)
@@ -260,7 +257,7 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
         "images": args.images,
         "steps": args.steps,
         "samples": args.samples,
-        "batch_size": args.batch_size,
+        "inputs_per_task": args.inputs_per_task,
         "batches": batches,
         "repeats": args.repeats,
         "startup": startup,
@@ -286,7 +283,7 @@ def bench_overhead(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Memory: restore_items over many inputs in one process
+# Memory: process_batch over many inputs in one process
 
 
 def rss_mib() -> float:
@@ -310,8 +307,8 @@ def slope(ys: list[float]) -> float:
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> dict:
-    from pulse_core.batch import restore_items
     from pulse_core.generators.loading import load_generator
+    from pulse_core.pipeline import process_batch
     from pulse_core.storage import open_storage
 
     source, dest = work / "source", work / "dest"
@@ -322,13 +319,13 @@ def bench_memory(args: argparse.Namespace, work: Path) -> dict:
     src, dst = open_storage(str(source)), open_storage(str(dest))
     dst.check(create=True)
     settings = settings_for(args)
-    size = args.batch_size
+    size = args.inputs_per_task
     batches = [names[i : i + size] for i in range(0, len(names), size)]
     samples: list[float] = []
     started = time.perf_counter()
     ok = 0
     for n, keys in enumerate(batches):
-        ok += restore_items(keys, src, dst, settings, run_id="memory", batch_id=f"{n:05d}").ok
+        ok += process_batch(keys, src, dst, settings, run_id="memory", batch_id=f"{n:05d}").ok_count
         samples.append(rss_mib())
         if n % 25 == 0 or n == len(batches) - 1:
             print(
@@ -348,7 +345,7 @@ def bench_memory(args: argparse.Namespace, work: Path) -> dict:
         "ok": ok,
         "steps": args.steps,
         "samples": args.samples,
-        "batch_size": size,
+        "inputs_per_task": size,
         "seconds": seconds,
         "rss_mib": samples,
         "rss_first_mib": samples[0],
@@ -368,11 +365,13 @@ def bench_memory(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--memory", action="store_true", help="memory mode (restore_items only)")
+    p.add_argument("--memory", action="store_true", help="memory mode (process_batch only)")
     p.add_argument("--images", type=int, help="inputs (default 64; --memory: 1000)")
     p.add_argument("--steps", type=int, help="search steps (default 100; --memory: 5)")
     p.add_argument("--samples", type=int, default=1, help="samples per input (default 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="inputs per task (default 8)")
+    p.add_argument(
+        "--inputs-per-task", type=int, default=8, help="inputs per restore task (default 8)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="overhead repeats (default 3)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -415,7 +414,7 @@ def print_report(r: dict) -> None:
     if r["mode"] == "memory":
         print(
             f"memory: {r['images']} inputs x {r['samples']} sample(s), {r['steps']} steps, "
-            f"{r['batch_size']} per batch, {r['seconds']:.0f} s\n"
+            f"{r['inputs_per_task']} per batch, {r['seconds']:.0f} s\n"
             f"  RSS first {r['rss_first_mib']:.1f} MiB, last {r['rss_last_mib']:.1f} MiB, "
             f"max {r['rss_max_mib']:.1f} MiB\n"
             f"  after {r['warmup_batches']} warm-up batches: growth {r['growth_after_warmup_mib']:.1f}"
@@ -431,13 +430,13 @@ def print_report(r: dict) -> None:
     )
     print(
         f"overhead: {r['images']} inputs x {r['samples']} sample(s), {r['steps']} steps, "
-        f"{r['batches']} batches of {r['batch_size']}, {r['repeats']} repeat(s)\n"
+        f"{r['batches']} batches of {r['inputs_per_task']}, {r['repeats']} repeat(s)\n"
         f"  Prefect start-up (excluded): {start} [{s['api']}]\n"
         f"  direct (pulse_core loop): min {r['direct_min_seconds']:.2f} s, "
         f"median {r['direct_median_seconds']:.2f} s\n"
         f"  flow (threads runner):    min {r['flow_min_seconds']:.2f} s, "
         f"median {r['flow_median_seconds']:.2f} s\n"
-        f"  inside restore_items (median): direct {r['direct_work_median_seconds']:.2f} s, "
+        f"  inside process_batch (median): direct {r['direct_work_median_seconds']:.2f} s, "
         f"flow {r['flow_work_median_seconds']:.2f} s\n"
         f"  around it (median): direct {r['direct_outside_median_seconds']:.2f} s, flow "
         f"{r['flow_outside_median_seconds']:.2f} s: Prefect adds {r['prefect_added_seconds']:.2f}"

@@ -18,16 +18,14 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from flows.report import RunSummary, report_markdown, results_table, summarise
-from pulse_core.batch import BatchOutcome, RestoreSettings
-from pulse_core.errors import ConfigError, PulseError
-from pulse_core.search import DEFAULT_PRESET
+from flows.report import report_markdown, results_table
+from pulse_core.errors import PulseError
+from pulse_core.pipeline import BatchOutcome, RunSummary, summarise
+from pulse_core.settings import PipelineOptions, RestoreSettings
 from pulse_core.storage import Storage, StorageConfig, open_storage
 from tasks.discover import discover_inputs
 from tasks.publish import finalize_manifests, publish_artifacts
 from tasks.restore import restore_batch
-
-TASK_RUNNERS = ("threads", "dask")
 
 
 class TooManyFailures(PulseError):
@@ -74,91 +72,33 @@ def restore_batches(
 def restore_archive(
     source: str,
     dest: str,
-    model: str = "demo",
-    samples: int = 4,
-    steps: int | None = None,
-    eps: float | None = None,
-    loss: str | None = None,
-    operator: str | None = None,
-    preset: str = DEFAULT_PRESET,
-    batch_size: int = 8,
-    task_runner: str = "threads",
-    dask_address: str | None = None,
-    max_workers: int = 1,
-    limit: int | None = None,
-    force: bool = False,
-    max_failures: int = 0,
-    seed: int = 0,
-    fit: str = "center-crop",
-    device: str = "auto",
-    gpu_resource: bool = True,
-    storage_endpoint: str | None = None,
-    resample: int = 0,
-    early_stop: bool | None = None,
-    learning_rate: float | None = None,
-    optimizer: str | None = None,
-    schedule: str | None = None,
-    noise_mode: str | None = None,
-    intermediate_layers: list[str] | None = None,
-    intermediate_radius: float | None = None,
-    restart_budget: float | None = None,
-    search_batch: int = 32,
+    settings: RestoreSettings = RestoreSettings(),  # noqa: B008 (frozen: safe as a default)
+    options: PipelineOptions = PipelineOptions(),  # noqa: B008
 ) -> RunSummary:
     """Restore every image under `source` not yet restored in `dest`.
 
-    source/dest: `s3://bucket/prefix` or a local folder. batch_size: inputs per task;
-    search_batch: rows (inputs x samples) per forward pass inside a task. steps, eps, loss,
-    operator, learning_rate, optimizer, schedule, noise_mode, early_stop, intermediate_layers
-    (["auto"], split-point names, or [] for plain PULSE), intermediate_radius, restart_budget:
-    None keeps the preset.
-    task_runner: "threads" (max_workers threads in this process) or "dask" (a LocalCluster of
-    max_workers workers, or the cluster at dask_address; tasks need a worker with resource GPU=1
-    when gpu_resource). Fails at the end if more than max_failures inputs failed.
+    source/dest: `s3://bucket/prefix` or a local folder. settings: what to restore with (model,
+    samples, preset, and `search` to set every search option; empty = the preset's). options:
+    how to run it (inputs per task, threads or Dask, limits, failures allowed). Fails at the
+    end, after everything else is written, if more than options.max_failures inputs failed.
     """
     logger = get_run_logger()
-    if task_runner not in TASK_RUNNERS:
-        raise ConfigError(
-            f"unknown task_runner {task_runner!r}; choose one of: {', '.join(TASK_RUNNERS)}"
-        )
-    if batch_size < 1 or max_workers < 1:
-        raise ConfigError("batch_size and max_workers must be >= 1")
-    settings = RestoreSettings(
-        model=model,
-        samples=samples,
-        resample=resample,
-        preset=preset,
-        steps=steps,
-        eps=eps,
-        loss=loss,
-        operator=operator,
-        early_stop=early_stop,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        schedule=schedule,
-        noise_mode=noise_mode,
-        intermediate_layers=None if intermediate_layers is None else tuple(intermediate_layers),
-        intermediate_radius=intermediate_radius,
-        restart_budget=restart_budget,
-        seed=seed,
-        fit=fit,
-        device=device,
-        search_batch=search_batch,
-    )
-    settings.search_config()  # validate every search option before any work
-    storage_config = StorageConfig(endpoint_url=storage_endpoint)
+    settings = settings.resolved()  # preset + overrides -> the effective values, once
+    storage_config = StorageConfig(endpoint_url=options.storage_endpoint)
     src, dst = open_storage(source, storage_config), open_storage(dest, storage_config)
     run_id = str(flow_run.id or f"local-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     run_key = "restore"
 
-    found = discover_inputs(src, dst, samples, force, limit)
-    batches = [found.pending[i : i + batch_size] for i in range(0, len(found.pending), batch_size)]
+    found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
+    size = options.inputs_per_task
+    batches = [found.pending[i : i + size] for i in range(0, len(found.pending), size)]
     progress_id = str(
         create_progress_artifact(0.0, key=f"{run_key}-progress", description="Batches done (%)")
     )
     started = time.perf_counter()
     outcomes: list[BatchOutcome] = []
     if batches:
-        runner = _task_runner(task_runner, dask_address, max_workers, gpu_resource)
+        runner = _task_runner(options)
         outcomes = restore_batches.with_options(task_runner=runner)(
             batches,
             src,
@@ -166,7 +106,7 @@ def restore_archive(
             settings,
             run_id,
             found.collisions,
-            gpu_resource and task_runner == "dask",
+            options.gpu_resource and options.task_runner == "dask",
             progress_id,
         )
     else:
@@ -174,11 +114,10 @@ def restore_archive(
         logger.info("nothing to do: every input in %s is already restored in %s", source, dest)
     seconds = time.perf_counter() - started
 
-    summary = summarise(run_id, source, dest, settings, found.total, found.done, outcomes, seconds)
-    if outcomes:
-        files = finalize_manifests(dst, run_id)
-        summary.samples_key = f"{dst.url.rstrip('/')}/{files.samples_key}"
-        summary.losses_key = f"{dst.url.rstrip('/')}/{files.losses_key}"
+    files = finalize_manifests(dst, run_id) if outcomes else None
+    summary = summarise(
+        run_id, src.url, dst.url, settings, found.total, found.done, outcomes, seconds, files
+    )
     publish_artifacts(results_table(outcomes), report_markdown(summary), run_key)
     logger.info(
         "%d ok, %d failed, %d skipped; manifests: %s",
@@ -187,21 +126,25 @@ def restore_archive(
         summary.skipped,
         summary.samples_key or "(none: nothing ran)",
     )
-    if summary.failed > max_failures:
+    if summary.failed > options.max_failures:
         reasons = "; ".join(f"{k}: {r}" for k, r in summary.failures[:5])
         raise TooManyFailures(
-            f"{summary.failed} input(s) failed (max_failures={max_failures}); everything else was "
-            f"finished and recorded. First: {reasons}"
+            f"{summary.failed} input(s) failed (max_failures={options.max_failures}); everything "
+            f"else was finished and recorded. First: {reasons}"
         )
     return summary
 
 
-def _task_runner(kind: str, address: str | None, max_workers: int, gpu_resource: bool):
-    if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=max_workers)
-    if address:
-        return DaskTaskRunner(address=address)
-    cluster_kwargs = {"n_workers": max_workers, "threads_per_worker": 1, "processes": True}
-    if gpu_resource:
+def _task_runner(options: PipelineOptions) -> ThreadPoolTaskRunner | DaskTaskRunner:
+    if options.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=options.max_workers)
+    if options.dask_address:
+        return DaskTaskRunner(address=options.dask_address)
+    cluster_kwargs: dict[str, object] = {
+        "n_workers": options.max_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+    }
+    if options.gpu_resource:
         cluster_kwargs["resources"] = {"GPU": 1}
     return DaskTaskRunner(cluster_kwargs=cluster_kwargs)

@@ -1,6 +1,10 @@
 """`pulse run SOURCE DEST`: the restore-archive flow, from the command line.
 
-Uses the temporary Prefect API by default (nothing to start), or the server at PREFECT_API_URL.
+Uses a temporary Prefect API by default (nothing to start), or the server at PREFECT_API_URL.
+The temporary API is a subprocess that can take well over Prefect's 20 s default to answer on a
+loaded 2-core machine (measured: runs failed with "Timed out while attempting to connect to
+ephemeral Prefect API server"), so the CLI raises that limit to `EPHEMERAL_STARTUP_TIMEOUT`
+unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set.
 """
 
 from __future__ import annotations
@@ -10,7 +14,20 @@ import json
 import os
 import sys
 
-from pulse_cli.upsample import add_search_arguments
+from pulse_cli.options import (
+    add_pipeline_arguments,
+    add_settings_arguments,
+    pipeline_from_args,
+    settings_from_args,
+)
+
+EPHEMERAL_STARTUP_TIMEOUT = 180  # seconds; Prefect's own default is 20
+TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+REAL_SERVER_HINT = (
+    "start a Prefect server once (`prefect server start`, or `make stack`) and point runs at it "
+    "with PREFECT_API_URL=http://127.0.0.1:4200/api, or raise "
+    f"{TIMEOUT_VARIABLE} (now {{timeout}} s)"
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,103 +35,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "run",
         help="restore every pending image from SOURCE into DEST (the Prefect flow)",
         description="Run the restore-archive flow: SOURCE and DEST are s3://bucket/prefix or local "
-        "folders. Inputs already restored in DEST are skipped (use --force to redo). Runs with the "
-        "temporary Prefect API unless PREFECT_API_URL is set. Prints the summary and where the "
-        "manifests are; exits 1 if more than --max-failures inputs failed.",
+        "folders. Inputs already restored in DEST are skipped (use --force to redo). Runs with a "
+        "temporary Prefect API unless PREFECT_API_URL is set (its start-up may take up to "
+        f"{TIMEOUT_VARIABLE} seconds, default {EPHEMERAL_STARTUP_TIMEOUT} here). Prints the "
+        "summary and where the manifests are; exits 1 if more than --max-failures inputs failed.",
     )
     p.add_argument("source", help="s3://bucket/prefix or a local folder of LR images")
     p.add_argument("dest", help="s3://bucket/prefix or a local folder for results and manifests")
-    add_search_arguments(p)
-    g = p.add_argument_group("pipeline")
-    g.add_argument(
-        "--task-runner", choices=("threads", "dask"), default="threads", help="default: threads"
-    )
-    g.add_argument(
-        "--dask-address",
-        help="tcp://host:8786 of an existing Dask cluster (with --task-runner dask)",
-    )
-    g.add_argument(
-        "--max-workers", type=int, default=1, help="threads, or LocalCluster workers (default 1)"
-    )
-    g.add_argument(
-        "--inputs-per-task", type=int, default=8, help="inputs per restore task (default 8)"
-    )
-    g.add_argument("--limit", type=int, help="restore at most this many pending inputs")
-    g.add_argument("--force", action="store_true", help="redo inputs that are already restored")
-    g.add_argument(
-        "--max-failures",
-        type=int,
-        default=0,
-        help="failed inputs allowed before the run fails (default 0)",
-    )
-    g.add_argument(
-        "--no-gpu-resource",
-        action="store_true",
-        help="do not require Dask workers with resource GPU=1",
-    )
-    g.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    add_settings_arguments(p)
+    add_pipeline_arguments(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=run_flow)
 
 
-def run_flow(args: argparse.Namespace) -> int:
+def prepare_prefect_environment() -> str:
+    """Offline-friendly Prefect defaults; returns where runs will be reported."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(TIMEOUT_VARIABLE, str(EPHEMERAL_STARTUP_TIMEOUT))
+    return os.environ.get("PREFECT_API_URL") or "a temporary local Prefect API"
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)  # checked before Prefect starts: bad options fail fast
+    options = pipeline_from_args(args)
+    where = prepare_prefect_environment()
     from flows.restore import TooManyFailures, restore_archive  # Prefect starts only when needed
 
-    where = os.environ.get("PREFECT_API_URL") or "a temporary local Prefect API"
     print(f"running restore-archive on {where}...", file=sys.stderr)
-    params = dict(
-        source=args.source,
-        dest=args.dest,
-        model=args.model,
-        samples=args.samples,
-        resample=args.resample,
-        preset=args.preset,
-        steps=args.steps,
-        eps=args.eps,
-        loss=args.loss,
-        operator=args.operator,
-        early_stop=args.early_stop,
-        learning_rate=args.learning_rate,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        noise_mode=args.noise_mode,
-        intermediate_layers=None
-        if args.intermediate_layers is None
-        else list(args.intermediate_layers),
-        intermediate_radius=args.intermediate_radius,
-        restart_budget=args.restart_budget,
-        search_batch=args.batch_size,
-        seed=args.seed,
-        fit=args.fit,
-        device=args.device,
-        batch_size=args.inputs_per_task,
-        task_runner=args.task_runner,
-        dask_address=args.dask_address,
-        max_workers=args.max_workers,
-        limit=args.limit,
-        force=args.force,
-        max_failures=args.max_failures,
-        gpu_resource=not args.no_gpu_resource,
-        storage_endpoint=args.endpoint_url,
-    )
     try:
-        summary = restore_archive(**params)
+        summary = restore_archive(args.source, args.dest, settings=settings, options=options)
     except TooManyFailures as exc:
         print(f"pulse run: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        hint = REAL_SERVER_HINT.format(timeout=os.environ[TIMEOUT_VARIABLE])
+        print(f"pulse run: the temporary Prefect API did not start: {exc}\n{hint}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=str))
         return 0
     print(
         f"\n{summary.ok} restored, {summary.failed} failed, {summary.skipped} already done "
-        f"(of {summary.found} found); {summary.converged_inputs} with a converged sample."
+        f"(of {summary.found} found); {summary.converged_input_count} with a converged sample."
     )
     if summary.samples_key:
         print(f"samples manifest: {summary.samples_key}\nlosses manifest:  {summary.losses_key}")
-    print(
-        f"results: {summary.dest.rstrip('/')}/<input>/sample-K.png; index: {summary.dest.rstrip('/')}/_manifest/samples/"
-    )
+    root = summary.dest.rstrip("/")
+    print(f"results: {root}/<input>/sample-K.png; index: {root}/_manifest/samples/")
     for key, reason in summary.failures:
         print(f"  failed {key}: {reason}", file=sys.stderr)
     return 0

@@ -13,13 +13,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from pulse_core.errors import ConfigError
 
-OPERATORS = ("bicubic", "area", "gaussian", "nearest")
+Operator = Literal["bicubic", "area", "gaussian", "nearest"]  # the choices, declared once
+OPERATORS: tuple[str, ...] = get_args(Operator)
 
 
 def keys_cubic(x: float, a: float = -0.5) -> float:

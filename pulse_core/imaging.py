@@ -22,7 +22,6 @@ import hashlib
 import io
 import os
 import threading
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageDraw, ImageFile, ImageFont, ImageOps, PngImagePlugin
 
+from pulse_core.atomic import atomic_write_bytes
 from pulse_core.errors import ConfigError, InputError
 
 # LR inputs are at most resolution / 2 pixels a side (512 for the 1024^2 generators), so an
@@ -106,7 +106,6 @@ def load_image(
         try:
             _check_dimensions(img.size, name, max_pixels)
             fmt = img.format or "unknown"
-            mode = img.mode
             if _is_wide_colour_read_as_8_bit(img):
                 conversions.append("16 bits per channel decoded at 8 bits")
             try:
@@ -124,6 +123,33 @@ def load_image(
     try:
         if isinstance(frames, int) and frames > 1:
             conversions.append(f"first of {frames} frames used")
+        return _normalise(img, name, fmt, checksum, conversions)
+    finally:
+        img.close()
+
+
+def image_from_pil(image: Image.Image, *, name: str = "<image>") -> LoadedImage:
+    """Normalise an in-memory PIL image exactly as `load_image` normalises a file.
+
+    EXIF orientation, 16-bit and float modes, CMYK, palette, alpha and grey all go through the
+    same steps, recorded in `conversions`, so a notebook's `restore(pil_image)` searches the
+    same pixels as `pulse upsample` on that image's file. The checksum is of the decoded pixels
+    (there are no file bytes).
+    """
+    if not isinstance(image, Image.Image):
+        raise InputError(f"expected a PIL.Image, got {type(image).__name__}")
+    if image.width < MIN_SIDE or image.height < MIN_SIDE:
+        raise InputError(f"{name}: the image is {image.width}x{image.height}; too small")
+    digest = hashlib.sha256(image.mode.encode() + repr(image.size).encode() + image.tobytes())
+    return _normalise(image, name, image.format or "in-memory", digest.hexdigest(), [])
+
+
+def _normalise(
+    img: Image.Image, name: str, fmt: str, checksum: str, conversions: list[str]
+) -> LoadedImage:
+    """Decoded image -> RGB float tensor: orientation, then colour conversions (recorded)."""
+    mode = img.mode
+    try:
         img = _apply_exif_orientation(img, conversions)
         rgb = _to_rgb_array(img, conversions)
     except InputError:
@@ -133,9 +159,6 @@ def load_image(
             f"{name}: the {fmt} image (mode {mode}) cannot be converted to RGB ({_reason(e)}); "
             "re-save it as an 8-bit RGB PNG or JPEG"
         ) from e
-    finally:
-        img.close()
-
     tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     return LoadedImage(
         tensor=tensor,
@@ -510,21 +533,9 @@ def encode_png(tensor: torch.Tensor, *, metadata: Mapping[str, str] | None = Non
 def save_png(
     tensor: torch.Tensor, path: str | Path, *, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write a PNG atomically (temp file, then rename) so a killed run never leaves half a file."""
+    """Write a PNG atomically (`pulse_core.atomic`) so a killed run never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_png(tensor, metadata=metadata)
-    # Not mkstemp: it creates files readable by their owner only, whereas outputs are meant to
-    # be shared; os.open with 0o666 lets the process umask decide, like any other write.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encode_png(tensor, metadata=metadata))
     return path
 
 

@@ -532,3 +532,187 @@ def compact_index(storage: Storage, part_name: str | None = None) -> ReconcileRe
         rewritten_parts=(target,),
         deleted_parts=tuple(deleted),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Row building: what one input's restoration (or failure) becomes in the manifests
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What every samples row of one batch shares."""
+
+    run_id: str
+    generator_id: str
+    generator_checksum: str
+    eps: float
+    device: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """How an input became the LR image that was searched (the provenance columns)."""
+
+    key: str
+    checksum: str
+    lr_size: int
+    factor: int
+    fit_policy: str
+    fit_box: tuple[int, int, int, int] | None  # region of the input used; None = whole image
+    conversions: tuple[str, ...]
+
+
+def failed_rows(
+    ctx: RowContext, input_key: str, reason: str, samples: int, checksum: str | None = None
+) -> list[dict[str, Any]]:
+    """One "failed" row per expected sample, so the index shows the input as not done."""
+    return [
+        {
+            **_context_columns(ctx),
+            "input_key": input_key,
+            "input_checksum": checksum,
+            "seed": 0,
+            "sample_index": k,
+            "method": "restart",
+            "converged": False,
+            "status": "failed",
+            "error": reason,
+        }
+        for k in range(samples)
+    ]
+
+
+def sample_rows(
+    ctx: RowContext,
+    record: InputRecord,
+    attempts: Sequence[Any],  # pulse_core.restore.SampleResult, selected first
+    outputs: Mapping[int, tuple[str, str]],  # sample index -> (HR key, LR check key)
+) -> list[dict[str, Any]]:
+    """One row per attempt; extra (unselected) restarts get a row without output keys."""
+    common = {
+        **_context_columns(ctx),
+        "input_key": record.key,
+        "input_checksum": record.checksum,
+        "lr_width": record.lr_size,
+        "lr_height": record.lr_size,
+        "factor": record.factor,
+        "fit_policy": record.fit_policy,
+        "fit_box": record.fit_box,
+        "conversions": list(record.conversions),
+    }
+    rows = []
+    for s in attempts:
+        hr_key, lr_key = outputs.get(s.index, (None, None)) if s.selected else (None, None)
+        rows.append(
+            {
+                **common,
+                "seed": s.seed,
+                "sample_index": s.index,
+                "method": s.method,
+                "parent_sample": s.parent,
+                "attempt": s.attempt,
+                "selected": s.selected,
+                "intermediate_layers": list(s.intermediate_layers),
+                "intermediate_radius": s.intermediate_radius,
+                "steps_run": s.steps_run,
+                "best_step": s.best_step,
+                "final_l2": s.mse,
+                "final_geocross": s.terms.get("GEOCROSS"),
+                "final_total": s.terms.get("TOTAL"),
+                "converged": s.converged,
+                "output_key": hr_key,
+                "lr_check_key": lr_key,
+                "seconds": s.seconds,
+                "status": "ok",
+                "error": None,
+            }
+        )
+    return rows
+
+
+def loss_rows(run_id: str, input_key: str, attempts: Sequence[Any]) -> list[dict[str, Any]]:
+    """The per-step history of every attempt of one input."""
+    rows = []
+    for s in attempts:
+        h = s.history
+        for step in range(s.steps_run):
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "input_key": input_key,
+                    "sample_index": s.index,
+                    "step": step,
+                    "lr": h["lr"][step],
+                    "l2": h["MSE"][step],
+                    "l1": h["L1"][step] if "L1" in h else None,
+                    "geocross": h["GEOCROSS"][step] if "GEOCROSS" in h else None,
+                    "total": h["TOTAL"][step],
+                }
+            )
+    return rows
+
+
+def _context_columns(ctx: RowContext) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run_id,
+        "generator_id": ctx.generator_id,
+        "generator_checksum": ctx.generator_checksum,
+        "eps": ctx.eps,
+        "device": ctx.device,
+        "created_at": ctx.created_at,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's parts -> its manifests
+
+
+def part_manifest_key(run_id: str, kind: str, batch_id: str) -> str:
+    """Where one batch writes its share of a run's manifest before finalisation."""
+    return f"{RUNS_PREFIX}/{run_id}/parts/{kind}-{batch_id}.parquet"
+
+
+def write_batch_manifests(
+    dest: Storage, run_id: str, batch_id: str, samples: pa.Table, losses: pa.Table
+) -> None:
+    """A batch's parts, then its index part (no reconcile: the run reconciles once at the end).
+
+    Part keys derive from (run, batch), so a retried batch overwrites rather than duplicates.
+    """
+    write_parquet(dest, part_manifest_key(run_id, "samples", batch_id), samples)
+    write_parquet(dest, part_manifest_key(run_id, "losses", batch_id), losses)
+    append_to_index(dest, samples, f"{run_id}-{batch_id}", reconcile=False)
+
+
+@dataclass
+class RunFiles:
+    samples_key: str
+    losses_key: str
+    samples_rows: int
+    losses_rows: int
+
+
+def finalize_run(dest: Storage, run_id: str) -> RunFiles:
+    """Merge the run's batch parts into `samples.parquet` / `losses.parquet`; reconcile the index.
+
+    Parts are deleted only after both merged files are written, so a crash here loses nothing
+    and running it again finishes the job.
+    """
+    prefix = f"{RUNS_PREFIX}/{run_id}/parts/"
+    parts = sorted(o.key for o in dest.list(prefix=prefix, suffixes=(".parquet",)))
+    merged: dict[str, pa.Table] = {}
+    for kind, make in (("samples", samples_table), ("losses", losses_table)):
+        tables = [read_manifest(dest, k) for k in parts if k[len(prefix) :].startswith(f"{kind}-")]
+        table = pa.concat_tables(tables) if tables else make([])
+        write_parquet(dest, run_manifest_key(run_id, kind), table)
+        merged[kind] = table
+    for key in parts:
+        dest.delete(key)
+    reconcile_index(dest)
+    return RunFiles(
+        samples_key=run_manifest_key(run_id, "samples"),
+        losses_key=run_manifest_key(run_id, "losses"),
+        samples_rows=merged["samples"].num_rows,
+        losses_rows=merged["losses"].num_rows,
+    )

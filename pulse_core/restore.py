@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
 from pulse_core.errors import ConfigError, InputError
 from pulse_core.generators.base import Generator
+from pulse_core.imaging import image_from_pil
 from pulse_core.search import (
     InitialState,
     SearchConfig,
@@ -66,9 +66,11 @@ class RestoreResult:
     factor: int
     samples: list[SampleResult] = field(default_factory=list)  # the selected ones, by index
     extra_attempts: list[SampleResult] = field(default_factory=list)  # restarts not selected
+    conversions: list[str] = field(default_factory=list)  # how the input was normalised
 
     @property
-    def converged(self) -> int:
+    def converged_count(self) -> int:
+        """How many of the selected samples converged."""
         return sum(s.converged for s in self.samples)
 
     @property
@@ -102,10 +104,9 @@ class SampleJob:
 
 
 def as_tensor_image(image: torch.Tensor | Image.Image) -> torch.Tensor:
-    """(3, h, w) float in [0, 1] from a tensor (C, h, w) or a PIL image."""
+    """(3, h, w) float in [0, 1] from a tensor (C, h, w) or a PIL image (normalised as a file)."""
     if isinstance(image, Image.Image):
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
+        return image_from_pil(image).tensor
     if not isinstance(image, torch.Tensor):
         raise InputError(f"expected a torch.Tensor or PIL.Image, got {type(image).__name__}")
     t = image.detach().float().cpu()
@@ -136,12 +137,19 @@ def restore(
     key: str = "input",
     resample: int = 0,
     resample_steps: int = 30,
-    step_budget: int | None = None,
-    batch_size: int | None = None,
+    search_batch: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> RestoreResult:
-    """Restore one in-memory LR image (square, its side dividing the generator resolution)."""
-    return restore_many(
+    """Restore one in-memory LR image (square, its side dividing the generator resolution).
+
+    A PIL image is normalised exactly as a file would be (EXIF orientation, 16-bit, CMYK,
+    palette, alpha, grey); what was done is in the result's `conversions`.
+    """
+    conversions: list[str] = []
+    if isinstance(image, Image.Image):
+        loaded = image_from_pil(image, name=key)
+        image, conversions = loaded.tensor, loaded.conversions
+    result = restore_many(
         [as_tensor_image(image)],
         generator,
         samples,
@@ -150,10 +158,11 @@ def restore(
         seed=seed,
         resample=resample,
         resample_steps=resample_steps,
-        step_budget=step_budget,
-        batch_size=batch_size,
+        search_batch=search_batch,
         on_step=on_step,
     )[0]
+    result.conversions = conversions
+    return result
 
 
 def restore_many(
@@ -166,22 +175,21 @@ def restore_many(
     seed: int = 0,
     resample: int = 0,
     resample_steps: int = 30,
-    step_budget: int | None = None,
-    batch_size: int | None = None,
+    search_batch: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> list[RestoreResult]:
     """Restore several LR images, batching (images x samples) rows through one search.
 
     `samples` per input, of which `resample` are noise resamples of the best restart (needs a
-    generator with noise inputs). Rows are grouped by LR size and cut into `batch_size` rows.
+    generator with noise inputs). Rows are grouped by LR size and cut into `search_batch` rows.
 
-    `step_budget` (optimiser steps per input, over all its restarts; None = the config's
-    `restart_budget` rounds of `restarts x steps`, and 1 round means no extra restarts):
-    while an input has fewer converged restarts than it needs and its budget allows another
-    `config.steps`, it gets new restarts (new seeds). The best restarts are returned as the
+    The config's `restart_budget` (in rounds of `restarts x steps`; 1 = no extra restarts)
+    bounds the optimiser steps an input may spend: while an input has fewer converged restarts
+    than it needs and its budget allows another `config.steps`, it gets new restarts (new
+    seeds). The best restarts are returned as the
     samples, converged first; the others are kept in `extra_attempts`, so nothing is lost.
     """
-    config = (config or SearchConfig.reference()).validate()
+    config = config or SearchConfig.reference()
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     if not 0 <= resample < samples:
@@ -211,13 +219,7 @@ def restore_many(
         results.append(RestoreResult(key=key, lr=img, factor=generator.resolution // h))
 
     restarts = samples - resample
-    if step_budget is None and config.restart_budget > 1:
-        step_budget = int(config.restart_budget * restarts * config.steps)
-    if step_budget is not None and step_budget < restarts * config.steps:
-        raise ConfigError(
-            f"step_budget {step_budget} is below one round of {restarts} restart(s) x "
-            f"{config.steps} steps = {restarts * config.steps}"
-        )
+    step_budget = int(config.restart_budget * restarts * config.steps)  # >= one round
     attempts: list[list[SampleResult]] = [[] for _ in images]
     jobs = [
         SampleJob(i, k, sample_seed(seed, keys[i], k))
@@ -225,11 +227,11 @@ def restore_many(
         for k in range(restarts)
     ]
     while jobs:
-        _run_jobs(jobs, attempts, results, generator, config, batch_size, on_step, init_of=None)
+        _run_jobs(jobs, attempts, results, generator, config, search_batch, on_step, init_of=None)
         jobs = []
         for i, tried in enumerate(attempts):
             need = restarts - sum(a.converged for a in tried)
-            if step_budget is None or need <= 0:
+            if need <= 0:
                 continue
             left = step_budget - sum(a.steps_run for a in tried)
             more = min(need, left // config.steps)
@@ -267,7 +269,7 @@ def restore_many(
             return parents[job.input_index].latent[None], draw_noise(generator, refine, rng)
 
         extra: list[list[SampleResult]] = [[] for _ in images]
-        _run_jobs(jobs, extra, results, generator, refine, batch_size, on_step, init_of=init_of)
+        _run_jobs(jobs, extra, results, generator, refine, search_batch, on_step, init_of=init_of)
         for res, made in zip(results, extra, strict=True):
             res.samples += made
     for res in results:
@@ -281,7 +283,7 @@ def _run_jobs(
     results: list[RestoreResult],
     generator: Generator,
     config: SearchConfig,
-    batch_size: int | None,
+    search_batch: int | None,
     on_step: Callable[[int, int, torch.Tensor], None] | None,
     init_of: Callable[[SampleJob], tuple[torch.Tensor, list[torch.Tensor]]] | None,
 ) -> None:
@@ -289,7 +291,7 @@ def _run_jobs(
     for job in jobs:
         by_size.setdefault(results[job.input_index].lr.shape[-1], []).append(job)
     for group in by_size.values():
-        step = batch_size or len(group)
+        step = search_batch or len(group)
         for start in range(0, len(group), step):
             chunk = group[start : start + step]
             targets = torch.stack([results[j.input_index].lr for j in chunk])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 import torch
 
 from pulse_core.errors import ConfigError
 
-OPTIMIZERS = ("adam", "sgd", "sgdm", "adamax")
-SCHEDULES = ("fixed", "linear1cycle", "linear1cycledrop")
+Optimizer = Literal["adam", "sgd", "sgdm", "adamax"]  # the choices, declared once
+Schedule = Literal["fixed", "linear1cycle", "linear1cycledrop"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:

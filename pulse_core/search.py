@@ -11,55 +11,97 @@ returned flagged with its losses, and nothing is tied to a device.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 import torch
 
-from pulse_core.downscale import OPERATORS, downscale
+from pulse_core.downscale import OPERATORS, Operator, downscale
 from pulse_core.errors import ConfigError
 from pulse_core.generators.base import Generator
 from pulse_core.layers import FeatureOffsets
 from pulse_core.losses import DEFAULT_LOSS, compute_loss, mse_per_sample, parse_loss
-from pulse_core.schedules import OPTIMIZERS, check_schedule, lr_factor, make_optimizer
+from pulse_core.schedules import (
+    OPTIMIZERS,
+    Optimizer,
+    Schedule,
+    check_schedule,
+    lr_factor,
+    make_optimizer,
+)
 
-NOISE_MODES = ("zero", "fixed", "trainable")
+NoiseMode = Literal["zero", "fixed", "trainable"]
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+
+
+def option(default: Any, description: str) -> Any:
+    """A settings field with its user-facing description.
+
+    The description is the one text for a field everywhere: argparse help (`pulse_cli.options`),
+    the Prefect deployment form (pydantic reads dataclass field metadata into the JSON schema)
+    and the docs, so adding an option is a change in one place.
+    """
+    return field(default=default, metadata={"description": description})
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Everything that defines one search; the `reference` preset reproduces the paper."""
+    """Everything that defines one search; `SearchConfig()` is the paper's `reference` preset.
 
-    steps: int = 100  # optimiser steps
-    learning_rate: float = 0.4  # base lr, scaled by the schedule
-    optimizer: str = "adam"  # adam | sgd | sgdm | adamax
-    schedule: str = "linear1cycledrop"  # fixed | linear1cycle | linear1cycledrop
-    loss: str = DEFAULT_LOSS  # loss grammar, e.g. "100*L2+0.05*GEOCROSS"
-    eps: float = 2e-3  # success threshold on the LR mean squared error ([0, 1] images)
-    operator: str = "bicubic"  # forward operator DS: bicubic | area | gaussian | nearest
-    noise_mode: str = "trainable"  # zero | fixed | trainable
-    trainable_noise_layers: int = 5  # with noise_mode=trainable: the first k maps are optimised
-    zeroed_noise_layers: tuple[int, ...] | None = None  # forced to zero; None = the last layer
-    tile_latent: bool = False  # one latent (B, 1, D) broadcast to every style input
-    early_stop: bool = False  # freeze each sample once it converged; stop when all have
-    intermediate_layers: tuple[str, ...] = ()  # split points to offset (Generator.feature_layers)
-    intermediate_radius: float = 0.2  # each offset's ball, relative to its feature map's norm
-    intermediate_start: float = 1 / 3  # fraction of the steps before the first layer switches on
-    restart_budget: float = 1.0  # steps an input may use over all its restarts, in rounds of
-    # (samples x steps): 1 = one round, no extra restarts; 3 = up to 2 more rounds for inputs
-    # whose samples did not all converge
+    Checked when built (`__post_init__`), so a `SearchConfig` that exists is valid: nothing
+    downstream validates again.
+    """
+
+    steps: int = option(100, "optimiser steps per search")
+    learning_rate: float = option(0.4, "base learning rate, scaled by the schedule")
+    optimizer: Optimizer = option("adam", "optimiser (sgdm = SGD with momentum 0.9)")
+    schedule: Schedule = option("linear1cycledrop", "learning-rate schedule over the steps")
+    loss: str = option(DEFAULT_LOSS, "loss grammar: weighted terms, e.g. '100*L2+0.05*GEOCROSS'")
+    eps: float = option(2e-3, "success threshold on the LR mean squared error ([0, 1] images)")
+    operator: Operator = option("bicubic", "forward operator DS that made the LR image")
+    noise_mode: NoiseMode = option("trainable", "StyleGAN noise inputs: zero, fixed or trainable")
+    trainable_noise_layers: int = option(
+        5, "with noise_mode=trainable: how many of the first noise maps are optimised"
+    )
+    zeroed_noise_layers: tuple[int, ...] | None = option(
+        None, "noise maps forced to zero (indices, negative from the end); empty = the last one"
+    )
+    tile_latent: bool = option(False, "one latent broadcast to every style input")
+    early_stop: bool = option(False, "freeze each sample once it converged; stop when all have")
+    intermediate_layers: tuple[str, ...] = option(
+        (), "intermediate-layer search: split points to offset ('auto', or names such as 16x16)"
+    )
+    intermediate_radius: float = option(
+        0.2, "ball radius of each intermediate offset, relative to its feature map's norm"
+    )
+    intermediate_start: float = option(
+        1 / 3, "fraction of the steps before the first intermediate layer switches on"
+    )
+    restart_budget: float = option(
+        1.0,
+        "steps an input may spend over all its restarts, in rounds of samples x steps: "
+        "1 = one round (no extra restarts); 2 = one more round for inputs not yet converged",
+    )
+
+    def __post_init__(self) -> None:
+        # Lists from JSON (the Prefect form, pydantic) become tuples: the config stays hashable.
+        for name in ("intermediate_layers", "zeroed_noise_layers"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._check()
 
     @classmethod
     def reference(cls) -> SearchConfig:
         """The paper's settings, exactly (and no early stop)."""
         return cls()
 
-    def validate(self) -> SearchConfig:
+    def _check(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.learning_rate <= 0:
@@ -90,13 +132,14 @@ class SearchConfig:
             )
         check_schedule(self.schedule)
         parse_loss(self.loss)
-        return self
 
     def with_(self, **changes: object) -> SearchConfig:
-        return replace(self, **changes).validate()  # type: ignore[arg-type]
+        """A copy with some fields changed (checked like any new config)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
 
 
-DEFAULT_PRESET = "robust"  # what `pulse upsample`, `pulse run` and the flow use unless told
+PresetName = Literal["robust", "fast", "reference"]
+DEFAULT_PRESET: PresetName = "robust"  # what `pulse upsample`, `pulse run` and the flow use
 
 PRESETS: dict[str, Callable[[], SearchConfig]] = {
     "reference": SearchConfig.reference,
@@ -113,6 +156,7 @@ PRESETS: dict[str, Callable[[], SearchConfig]] = {
         restart_budget=2.0,
     ),
 }
+assert set(PRESETS) == set(get_args(PresetName)), "one preset per PresetName choice"
 
 
 def preset(name: str) -> SearchConfig:
@@ -267,7 +311,6 @@ def search(
     Runs on the generator's device. The best iterate of a sample is the lowest total loss among
     its iterates within eps, or the lowest total loss overall if it never got within eps.
     """
-    config.validate()
     started = time.perf_counter()
     spec = parse_loss(config.loss)
     device = _device_of(generator)
@@ -299,6 +342,8 @@ def search(
     with torch.no_grad():
         radii = [sphere_norm(p) for p in params]
     opt = make_optimizer(config.optimizer, params, config.learning_rate)
+    # This call's intermediate offsets: handed to every forward as `edit`, never set on the
+    # generator, which other threads share (architecture.md: shared and read-only).
     offsets = (
         FeatureOffsets(
             generator,
@@ -330,74 +375,71 @@ def search(
     row_steps = torch.zeros(n, dtype=torch.long, device=device)
 
     steps_run = 0
-    with offsets if offsets is not None else contextlib.nullcontext():
-        for step in range(config.steps):
-            if offsets is not None:
-                offsets.switch_on(step)
-            lr_now = config.learning_rate * lr_factor(config.schedule, step, config.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr_now
-            opt.zero_grad(set_to_none=True)
-            lat = latent.expand(-1, generator.num_latents, -1) if config.tile_latent else latent
-            w_in = generator.prior(lat)
-            image = (generator.synthesize(w_in, noise) + 1.0) / 2.0
-            lr_image = downscale(image, factor, config.operator)
-            values = compute_loss(spec, lr_image, target, w_in, config.eps)
-            values.total.sum().backward()
-            if offsets is not None:
-                for d in offsets.new_params():
-                    if not any(d is known for known in deltas):
-                        deltas.append(d)
-                        opt.add_param_group({"params": [d], "lr": lr_now})
+    for step in range(config.steps):
+        if offsets is not None:
+            offsets.switch_on(step)
+        lr_now = config.learning_rate * lr_factor(config.schedule, step, config.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        opt.zero_grad(set_to_none=True)
+        lat = latent.expand(-1, generator.num_latents, -1) if config.tile_latent else latent
+        w_in = generator.prior(lat)
+        image = (generator.synthesize(w_in, noise, edit=offsets) + 1.0) / 2.0
+        lr_image = downscale(image, factor, config.operator)
+        values = compute_loss(spec, lr_image, target, w_in, config.eps)
+        values.total.sum().backward()
+        if offsets is not None:
+            for d in offsets.new_params():
+                if not any(d is known for known in deltas):
+                    deltas.append(d)
+                    opt.add_param_group({"params": [d], "lr": lr_now})
 
-            with torch.no_grad():
-                row_steps += (~frozen).long()
-                mse = mse_per_sample(lr_image, target)
-                conv = mse <= config.eps
-                better = (conv & ~best_conv) | ((conv == best_conv) & (values.total < best_total))
-                better &= ~frozen
-                best_total = torch.where(better, values.total, best_total)
-                best_conv = best_conv | (conv & ~frozen)
-                best_step = torch.where(better, torch.full_like(best_step, step), best_step)
-                best_mse = torch.where(better, mse, best_mse)
-                for name, v in values.terms.items():
-                    prev = best_terms.get(name, torch.zeros_like(v))
-                    best_terms[name] = torch.where(better, v, prev)
-                best_terms["TOTAL"] = best_total
-                sel = better.view(-1, 1, 1, 1)
-                best_hr = torch.where(sel, image, best_hr)
-                best_lr = torch.where(sel, lr_image, best_lr)
-                best_latent = torch.where(better.view(-1, 1, 1), latent, best_latent)
-                best_noise = [
-                    torch.where(sel, m, b) for m, b in zip(noise, best_noise, strict=True)
-                ]
-                history["lr"].append(torch.full((n,), lr_now))
-                history["MSE"].append(mse)
-                history["TOTAL"].append(values.total.detach())
-                for name, v in values.terms.items():
-                    history[name].append(v.detach())
-                if config.early_stop:
-                    newly = conv & ~frozen
-                    frozen |= conv
-                    for p in [*params, *deltas]:
-                        pin = pinned.setdefault(id(p), p.detach().clone())
-                        pin[newly] = p[newly]
+        with torch.no_grad():
+            row_steps += (~frozen).long()
+            mse = mse_per_sample(lr_image, target)
+            conv = mse <= config.eps
+            better = (conv & ~best_conv) | ((conv == best_conv) & (values.total < best_total))
+            better &= ~frozen
+            best_total = torch.where(better, values.total, best_total)
+            best_conv = best_conv | (conv & ~frozen)
+            best_step = torch.where(better, torch.full_like(best_step, step), best_step)
+            best_mse = torch.where(better, mse, best_mse)
+            for name, v in values.terms.items():
+                prev = best_terms.get(name, torch.zeros_like(v))
+                best_terms[name] = torch.where(better, v, prev)
+            best_terms["TOTAL"] = best_total
+            sel = better.view(-1, 1, 1, 1)
+            best_hr = torch.where(sel, image, best_hr)
+            best_lr = torch.where(sel, lr_image, best_lr)
+            best_latent = torch.where(better.view(-1, 1, 1), latent, best_latent)
+            best_noise = [torch.where(sel, m, b) for m, b in zip(noise, best_noise, strict=True)]
+            history["lr"].append(torch.full((n,), lr_now))
+            history["MSE"].append(mse)
+            history["TOTAL"].append(values.total.detach())
+            for name, v in values.terms.items():
+                history[name].append(v.detach())
+            if config.early_stop:
+                newly = conv & ~frozen
+                frozen |= conv
+                for p in [*params, *deltas]:
+                    pin = pinned.setdefault(id(p), p.detach().clone())
+                    pin[newly] = p[newly]
 
-            opt.step()
-            with torch.no_grad():
-                for p, r in zip(params, radii, strict=True):
-                    p.div_(sphere_norm(p)).mul_(r)
-                if offsets is not None:
-                    offsets.project()
-                if config.early_stop and bool(frozen.any()):
-                    for p in [*params, *deltas]:
-                        pin = pinned.setdefault(id(p), p.detach().clone())
-                        p[frozen] = pin[frozen]
-            steps_run = step + 1
-            if on_step is not None:
-                on_step(step, config.steps, best_conv)
-            if config.early_stop and bool(frozen.all()):
-                break
+        opt.step()
+        with torch.no_grad():
+            for p, r in zip(params, radii, strict=True):
+                p.div_(sphere_norm(p)).mul_(r)
+            if offsets is not None:
+                offsets.project()
+            if config.early_stop and bool(frozen.any()):
+                for p in [*params, *deltas]:
+                    pin = pinned.setdefault(id(p), p.detach().clone())
+                    p[frozen] = pin[frozen]
+        steps_run = step + 1
+        if on_step is not None:
+            on_step(step, config.steps, best_conv)
+        if config.early_stop and bool(frozen.all()):
+            break
 
     cpu = torch.device("cpu")
     return SearchResult(

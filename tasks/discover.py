@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from pulse_core.batch import Discovery, discover
+from pulse_core.pipeline import Discovery, discover
 from pulse_core.storage import Storage
 
 

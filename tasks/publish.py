@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pulse_core.batch import RunFiles, finalize_run
+from pulse_core.manifest import RunFiles, finalize_run
 from pulse_core.storage import Storage
 
 TABLE_ROWS = 1000  # an artifact is for reading; the manifest has every row

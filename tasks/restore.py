@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from pulse_core.batch import BatchOutcome, RestoreSettings, restore_items
+from pulse_core.pipeline import BatchOutcome, process_batch
+from pulse_core.settings import RestoreSettings
 from pulse_core.storage import Storage, is_transient
 
 
@@ -36,15 +37,15 @@ def restore_batch(
     batch_id: str,
     collisions: dict[str, str],
 ) -> BatchOutcome:
-    outcome = restore_items(
+    outcome = process_batch(
         input_keys, source, dest, settings, run_id=run_id, batch_id=batch_id, collisions=collisions
     )
     logger = get_run_logger()
     logger.info(
         "batch %s: %d ok, %d failed in %.1f s on %s (%s)",
         batch_id,
-        outcome.ok,
-        outcome.failed,
+        outcome.ok_count,
+        outcome.failed_count,
         outcome.seconds,
         outcome.device,
         outcome.worker,

@@ -32,3 +32,33 @@ def tiny_dcgan(seed: int = 0) -> DCGANGenerator:
                 m.running_var.uniform_(0.5, 1.5)
     gen.model_id = "tiny-dcgan"
     return gen.freeze()
+
+
+def flow_args(**kwargs: object) -> dict[str, object]:
+    """Flat test options -> the flow's typed parameters (settings, options) plus the rest.
+
+    `steps=3, samples=1, inputs_per_task=1, return_state=True` becomes
+    `settings=RestoreSettings(...)`, `options=PipelineOptions(...)`, `return_state=True`:
+    the same split `pulse run` makes, through the same builder.
+    """
+    from dataclasses import fields
+
+    from pulse_core.search import DEFAULT_PRESET, SearchConfig
+    from pulse_core.settings import PipelineOptions, RestoreSettings, build_settings
+
+    def take(names: set[str]) -> dict[str, object]:
+        return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+    search = take({f.name for f in fields(SearchConfig)})
+    restore = take({f.name for f in fields(RestoreSettings)} - {"search"})
+    options = take({f.name for f in fields(PipelineOptions)})
+    name = str(restore.pop("preset", DEFAULT_PRESET))
+    settings = build_settings(name, search, **restore)
+    return {"settings": settings, "options": PipelineOptions(**options), **kwargs}  # type: ignore[arg-type]
+
+
+def run_restore(source: str, dest: str, **kwargs: object):
+    """`restore_archive` with flat test options (see `flow_args`)."""
+    from flows.restore import restore_archive
+
+    return restore_archive(source, dest, **flow_args(**kwargs))

@@ -16,6 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "lr"
     [
         [],
         ["upsample"],
+        ["run"],
         ["models"],
         ["models", "list"],
         ["models", "pull"],
@@ -58,7 +59,9 @@ def test_upsample_writes_samples_checks_sheets_and_summary(demo_generator, tmp_p
         ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "demo" and len(summary["inputs"]) == 2
-    assert {s["seed"] for i in summary["inputs"] for s in i["samples"]}.__len__() == 4
+    assert len({s["seed"] for i in summary["inputs"] for s in i["samples"]}) == 4
+    assert (out / "_runs" / summary["run_id"] / "samples.parquet").is_file()
+    assert list((out / "_manifest" / "samples").glob("*.parquet"))
     printed = capsys.readouterr().out
     assert "astronaut-16.png" in printed and "converged" in printed
 
@@ -107,6 +110,7 @@ def test_upsample_json_report(demo_generator, tmp_path, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["inputs"][0]["status"] == "ok" and report["inputs"][0]["factor"] == 8
+    assert report == json.loads((tmp_path / "summary.json").read_text())
 
 
 def test_unknown_model_is_a_clear_error(tmp_path, capsys):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.restore import restore_archive
+from tests.helpers import run_restore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXAMPLES_LR = Path(__file__).resolve().parent.parent / "examples" / "lr"
-FAST = {"steps": 3, "samples": 1, "batch_size": 1}  # 3 search steps: seconds, not minutes
+FAST = {"steps": 3, "samples": 1, "inputs_per_task": 1}  # 3 search steps: seconds, not minutes
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_batches_run_only_on_the_gpu_worker_with_one_model_load(
 ):
     dest = tmp_path / "dest"
 
-    summary = restore_archive(
+    summary = run_restore(
         source=str(source),
         dest=str(dest),
         task_runner="dask",
@@ -65,8 +65,8 @@ def test_a_second_run_reuses_the_model_loaded_by_the_first(
     dest = tmp_path / "dest"
     run = {"source": str(source), "dest": str(dest), "task_runner": "dask", **FAST}
 
-    first = restore_archive(dask_address=dask_cluster.address, **run)
-    second = restore_archive(dask_address=dask_cluster.address, force=True, **run)
+    first = run_restore(dask_address=dask_cluster.address, **run)
+    second = run_restore(dask_address=dask_cluster.address, force=True, **run)
 
     assert first.ok == second.ok == 4
     assert first.workers == second.workers  # same process, still one load

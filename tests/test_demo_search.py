@@ -26,7 +26,7 @@ def test_search_reaches_eps_for_a_downscaled_sample_of_its_own(demo_generator):
     # 8x8 from 64x64 (factor 8) with the paper's settings: 100 steps, lr 0.4, eps 2e-3
     lr = downscale(_own_sample(demo_generator, 2020), 8)[0]
     result = restore(lr, demo_generator, samples=4, seed=1, config=SearchConfig.reference())
-    assert result.converged >= 1, [s.mse for s in result.samples]
+    assert result.converged_count >= 1, [s.mse for s in result.samples]
     for s in result.samples:
         assert s.converged == (s.mse <= 2e-3)
         # the returned LR check is the downscale of the returned HR image (same iterate)

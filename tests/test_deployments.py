@@ -83,7 +83,25 @@ def test_deploy_all_creates_the_nightly_deployment_with_its_cron_schedule(deploy
     # Prefect variables were filled in at deploy time.
     assert nightly.parameters["source"] == str(deployed["nightly"] / "source")
     assert nightly.parameters["dest"] == str(deployed["nightly"] / "dest")
-    assert nightly.parameters["task_runner"] == "dask"
+    assert nightly.parameters["options"]["task_runner"] == "dask"
+    assert nightly.parameters["settings"]["preset"] == "robust"
+
+
+def test_the_deployment_run_form_describes_settings_with_dropdowns(deployed):
+    """What the UI's run form renders: descriptions on every field, choices as enums."""
+    schema = deployed["deployments"][ADHOC].parameter_openapi_schema
+    definitions = schema["definitions"]
+    assert schema["properties"]["settings"]["$ref"].endswith("/RestoreSettings")
+    settings = definitions["RestoreSettings"]["properties"]
+    assert set(settings["preset"]["enum"]) == {"robust", "fast", "reference"}
+    assert "center-crop" in settings["fit"]["enum"] and "cuda" in settings["device"]["enum"]
+    assert definitions["PipelineOptions"]["properties"]["task_runner"]["enum"] == [
+        "threads",
+        "dask",
+    ]
+    search = definitions["SearchConfig"]["properties"]
+    assert "bicubic" in search["operator"]["enum"]
+    assert all(p.get("description") for d in definitions.values() for p in d["properties"].values())
 
 
 def test_deploy_all_creates_the_adhoc_deployment_without_schedule_or_defaults(deployed):
@@ -118,9 +136,7 @@ def test_a_process_worker_runs_the_adhoc_deployment_to_completion(
         "--param",
         f"dest={dest}",
         "--param",
-        "steps=3",
-        "--param",
-        "samples=1",
+        'settings={"samples": 1, "preset": "reference", "search": {"steps": 3}}',
     )
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert match, out

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.restore import TooManyFailures, restore_archive
+from flows.restore import TooManyFailures
 from pulse_cli.main import main
 from pulse_core.errors import StorageError
+from tests.helpers import run_restore
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,7 @@ def identities(table: pa.Table) -> list[tuple[str, int]]:
 def restored_folder(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """examples/lr restored once (2 samples each) into a folder; tests copy it before changing it."""
     dest = tmp_path_factory.mktemp("restored") / "dest"
-    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+    summary = run_restore(str(EXAMPLES), str(dest), **FAST)
     assert (summary.ok, summary.failed) == (len(EXAMPLE_KEYS), 0)
     return dest
 
@@ -178,7 +179,7 @@ def bad_inputs_run(prefect_harness, tmp_path_factory: pytest.TempPathFactory) ->
     source.mkdir()
     for name, (data, _) in {**good_inputs(), **bad_inputs()}.items():
         (source / name).write_bytes(data)
-    state = restore_archive(
+    state = run_restore(
         str(source),
         str(dest),
         steps=3,
@@ -270,7 +271,7 @@ def test_s3_to_s3_run_writes_samples_checks_and_manifests_readable_with_pyarrow(
         )
     _credentials_from_env(monkeypatch, seaweedfs.env())
 
-    summary = restore_archive(
+    summary = run_restore(
         seaweedfs.url("pulse-source", prefix) + "/",
         seaweedfs.url("pulse-dest", prefix) + "/",
         **FAST,
@@ -324,7 +325,7 @@ def test_rerun_of_a_finished_dest_does_nothing(restored_folder, tmp_path):
     dest = copy_of(restored_folder, tmp_path)
     before = sorted(p.relative_to(dest) for p in dest.rglob("*.png"))
 
-    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+    summary = run_restore(str(EXAMPLES), str(dest), **FAST)
 
     assert (summary.found, summary.skipped, summary.attempted) == (4, 4, 0)
     assert summary.samples_key == ""  # no run manifest for a run that restored nothing
@@ -335,7 +336,7 @@ def test_rerun_redoes_only_the_input_whose_output_is_missing(restored_folder, tm
     dest = copy_of(restored_folder, tmp_path)
     (dest / "astronaut-16" / "sample-1.png").unlink()
 
-    summary = restore_archive(str(EXAMPLES), str(dest), **FAST)
+    summary = run_restore(str(EXAMPLES), str(dest), **FAST)
 
     assert (summary.attempted, summary.skipped, summary.ok) == (1, 3, 1)
     assert [k for k, _ in summary.failures] == []
@@ -351,7 +352,7 @@ def test_rerun_redoes_only_the_input_whose_output_is_missing(restored_folder, tm
 def test_force_redoes_every_input_without_duplicating_index_rows(restored_folder, tmp_path):
     dest = copy_of(restored_folder, tmp_path)
 
-    summary = restore_archive(str(EXAMPLES), str(dest), force=True, **FAST)
+    summary = run_restore(str(EXAMPLES), str(dest), force=True, **FAST)
 
     assert (summary.attempted, summary.skipped, summary.ok) == (4, 0, 4)
     index = index_of(dest)
@@ -368,9 +369,9 @@ def test_outputs_written_inside_the_source_are_never_taken_for_inputs(
     archive = tmp_path / "archive"
     shutil.copytree(EXAMPLES, archive)
     dest = archive / dest_name
-    first = restore_archive(str(archive), str(dest), steps=3, samples=1, preset="reference")
+    first = run_restore(str(archive), str(dest), steps=3, samples=1, preset="reference")
 
-    again = restore_archive(str(archive), str(dest), steps=3, samples=1, preset="reference")
+    again = run_restore(str(archive), str(dest), steps=3, samples=1, preset="reference")
 
     assert (first.found, first.ok) == (4, 4)
     assert (again.found, again.skipped, again.attempted) == (4, 4, 0)
@@ -448,7 +449,7 @@ def test_failed_inputs_are_retried_by_the_next_run_and_tolerated_up_to_max_failu
 ):
     dest = copy_of(bad_inputs_run.dest, tmp_path)
 
-    summary = restore_archive(
+    summary = run_restore(
         str(bad_inputs_run.source),
         str(dest),
         steps=3,
@@ -478,7 +479,7 @@ def test_wrong_credentials_fail_clearly_before_any_work(prefect_harness, seaweed
     _credentials_from_env(monkeypatch, {**seaweedfs.env(), "AWS_SECRET_ACCESS_KEY": wrong_secret})
 
     with pytest.raises(StorageError, match="access denied") as caught:
-        restore_archive(
+        run_restore(
             seaweedfs.url("pulse-source", prefix), seaweedfs.url("pulse-dest", prefix), **FAST
         )
 
@@ -506,7 +507,7 @@ def test_a_missing_bucket_fails_clearly_before_any_work(
     urls[missing] = f"s3://pulse-missing-{uuid.uuid4().hex[:8]}/{prefix}"
 
     with pytest.raises(StorageError, match="does not exist") as caught:
-        restore_archive(urls["source"], urls["dest"], **FAST)
+        run_restore(urls["source"], urls["dest"], **FAST)
 
     assert "create it or fix the URL" in str(caught.value)
     assert _s3_keys(client, "pulse-dest", f"{prefix}/") == set()
@@ -572,3 +573,75 @@ def test_pulse_run_exits_1_and_names_the_inputs_when_too_many_fail(
     err = capsys.readouterr().err
     assert code == 1
     assert "1 input(s) failed (max_failures=0)" in err and "empty.png" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency and one pipeline
+
+
+def _twelve_inputs(folder: Path) -> Path:
+    """12 LR faces of two sizes (the examples, mirrored and rotated): 3 batches of up to 5."""
+    folder.mkdir()
+    for name in EXAMPLE_KEYS:
+        image = Image.open(EXAMPLES / name).convert("RGB")
+        stem = name.rsplit(".", 1)[0]
+        image.save(folder / f"{stem}.png")
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{stem}-mirror.png")
+        image.transpose(Image.Transpose.ROTATE_90).save(folder / f"{stem}-rot.png")
+    return folder
+
+
+def _pngs(dest: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(dest).as_posix(): p.read_bytes()
+        for p in dest.rglob("*.png")
+        if not p.relative_to(dest).as_posix().startswith("_")
+    }
+
+
+def test_two_workers_write_byte_identical_pngs_to_one_worker(prefect_harness, tmp_path, capsys):
+    """Threads share one cached generator: the default preset's per-call offsets must not leak.
+
+    Before the reentrant search this failed 7 of 12 inputs with a tensor size mismatch, and
+    with equal batch sizes wrote different PNGs. Default preset (intermediate layers, early
+    stop, restarts), fewer steps; 12 inputs in tasks of 5, 5 and 2 inputs (different rows).
+    """
+    source = _twelve_inputs(tmp_path / "source")
+    common = ["--steps", "12", "--samples", "2", "--inputs-per-task", "5"]
+    one, two = tmp_path / "one-worker", tmp_path / "two-workers"
+
+    assert main(["run", str(source), str(one), *common, "--max-workers", "1"]) == 0
+    assert main(["run", str(source), str(two), *common, "--max-workers", "2"]) == 0
+
+    capsys.readouterr()
+    written_one, written_two = _pngs(one), _pngs(two)
+    assert len(written_one) == 12 * (2 * 2 + 1)  # 2 samples + 2 LR checks + a sheet each
+    assert written_one.keys() == written_two.keys()
+    differing = [k for k in written_one if written_one[k] != written_two[k]]
+    assert differing == []
+
+
+def test_pulse_upsample_and_the_flow_write_the_same_outputs_and_manifests(
+    prefect_harness, tmp_path, capsys
+):
+    """One pipeline: same names, PNG bytes, manifest columns and index for the same batches."""
+    flow_dest, cli_dest = tmp_path / "flow", tmp_path / "cli"
+    # search_batch 32 // 1 restart = 32 inputs per upsample batch: one batch, as the flow's task
+    args = ["--steps", "3", "--samples", "1", "--preset", "reference"]
+    assert main(["run", str(EXAMPLES), str(flow_dest), *args, "--inputs-per-task", "32"]) == 0
+    assert main(["upsample", str(EXAMPLES), "--out", str(cli_dest), *args, "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert _pngs(flow_dest) == _pngs(cli_dest)
+    flow_rows = ds.dataset(flow_dest / "_manifest" / "samples", format="parquet").to_table()
+    cli_rows = ds.dataset(cli_dest / "_manifest" / "samples", format="parquet").to_table()
+    assert flow_rows.schema == cli_rows.schema
+    same = ["input_key", "sample_index", "seed", "final_l2", "output_key", "conversions"]
+    assert flow_rows.select(same).sort_by("input_key").to_pylist() == (
+        cli_rows.select(same).sort_by("input_key").to_pylist()
+    )
+    (run_dir,) = (cli_dest / "_runs").iterdir()
+    assert {p.name for p in run_dir.rglob("*") if p.is_file()} == {
+        "samples.parquet",
+        "losses.parquet",
+    }

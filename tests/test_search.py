@@ -192,7 +192,7 @@ def test_restore_many_batches_inputs_of_different_sizes():
         samples=2,
         keys=["a", "b"],
         config=SearchConfig(steps=2),
-        batch_size=3,
+        search_batch=3,
     )
     assert [r.factor for r in results] == [4, 2]
     assert [len(r.samples) for r in results] == [2, 2]
@@ -207,9 +207,9 @@ def test_lr_size_that_does_not_divide_the_resolution_is_refused():
 
 def test_config_validation_names_valid_choices():
     with pytest.raises(ConfigError, match="trainable"):
-        SearchConfig(noise_mode="random").validate()
+        SearchConfig(noise_mode="random")
     with pytest.raises(ConfigError, match="area"):
-        SearchConfig(operator="lanczos").validate()
+        SearchConfig(operator="lanczos")
 
 
 def test_search_runs_on_cuda_when_available():

@@ -9,7 +9,7 @@ import torch
 from pulse_core import SearchConfig, downscale, restore
 from pulse_core.errors import ConfigError
 from pulse_core.imaging import load_image, prepare_input
-from pulse_core.layers import FeatureOffsets, auto_layers, feature_size
+from pulse_core.layers import FeatureOffsets, auto_layers
 from pulse_core.search import initial_state, search
 from tests.helpers import tiny_dcgan, tiny_stylegan1
 
@@ -47,10 +47,11 @@ def test_batch_stops_once_every_sample_is_frozen():
     assert max(s.steps_run for s in result.samples) < 300
 
 
-def test_inputs_that_fail_get_more_restarts_within_their_step_budget():
+def test_inputs_that_fail_get_more_restarts_within_their_restart_budget():
     gen = tiny_stylegan1()
-    config = SearchConfig(steps=5, eps=1e-9, early_stop=True)  # unreachable eps: all fail
-    result = restore(torch.rand(3, 4, 4), gen, samples=2, config=config, step_budget=25)
+    # unreachable eps: all fail; 2.5 rounds of 2 restarts x 5 steps = 25 steps
+    config = SearchConfig(steps=5, eps=1e-9, early_stop=True, restart_budget=2.5)
+    result = restore(torch.rand(3, 4, 4), gen, samples=2, config=config)
     assert len(result.samples) == 2 and all(s.selected for s in result.samples)
     assert len(result.attempts) == 5  # 2 + 2 + 1 restarts of 5 steps fit in 25 steps
     assert result.steps_spent <= 25
@@ -68,7 +69,7 @@ def test_inputs_that_converge_get_no_extra_restarts():
     lr = _own_lr(gen, 5, 8)
     config = SearchConfig(steps=300, eps=5e-3, early_stop=True, restart_budget=3)
     result = restore(lr, gen, samples=2, config=config)
-    assert result.converged == 2 and result.extra_attempts == []
+    assert result.converged_count == 2 and result.extra_attempts == []
 
 
 def test_restart_budget_in_rounds_sets_the_step_budget():
@@ -78,42 +79,55 @@ def test_restart_budget_in_rounds_sets_the_step_budget():
     assert len(result.attempts) == 2 and result.steps_spent == 8
 
 
-def test_step_budget_below_one_round_is_refused():
-    with pytest.raises(ConfigError, match="below one round"):
-        restore(
-            torch.rand(3, 4, 4),
-            tiny_stylegan1(),
-            samples=2,
-            config=SearchConfig(steps=5),
-            step_budget=6,
-        )
+def test_restart_budget_below_one_round_is_refused():
+    with pytest.raises(ConfigError, match="restart_budget must be >= 1"):
+        SearchConfig(steps=5, restart_budget=0.5)
 
 
 def test_offsets_stay_inside_their_ball_relative_to_the_feature_norm():
     gen = tiny_dcgan()
     offsets = FeatureOffsets(gen, ("16x16",), radius=0.1, steps=10, start_fraction=0.0)
     z = torch.randn(2, 1, 16)
-    with offsets:
-        offsets.switch_on(0)
-        with torch.no_grad():
-            gen.synthesize(z, [])
-        off = offsets.offsets[0]
-        assert off.delta is not None and off.delta.shape[0] == 2
-        with torch.no_grad():
-            off.delta.normal_(0, 10.0)  # far outside the ball
-        offsets.project()
-        assert torch.all(off.offset_norm() <= 0.1 + 1e-5)
-        features = {}
-        handle = gen.main[8].register_forward_hook(lambda m, i, o: features.setdefault("x", o))
-        with torch.no_grad():
-            gen.synthesize(z, [])
-        handle.remove()
+    offsets.switch_on(0)
+    with torch.no_grad():
+        gen.synthesize(z, [], edit=offsets)
+    off = offsets.offsets[0]
+    assert off.delta is not None and off.delta.shape[0] == 2
+    with torch.no_grad():
+        off.delta.normal_(0, 10.0)  # far outside the ball
+    offsets.project()
+    assert torch.all(off.offset_norm() <= 0.1 + 1e-5)
+    features = {}
+
+    def spy(name: str, x: torch.Tensor) -> torch.Tensor:  # sees 16x16 after the offset
+        x = offsets(name, x)
+        if name == "16x16":
+            features["x"] = x
+        return x
+
+    with torch.no_grad():
+        gen.synthesize(z, [], edit=spy)
     off_abs = (off.delta * off.scale).reshape(2, -1).norm(dim=1)
     clean = features["x"] - off.delta * off.scale
     assert torch.all(off_abs <= 0.1 * clean.reshape(2, -1).norm(dim=1) * 1.001)
 
 
-def test_hooks_are_removed_after_the_search():
+def test_offsets_change_only_the_call_they_are_passed_to():
+    gen = tiny_dcgan()
+    offsets = FeatureOffsets(gen, ("16x16",), radius=0.1, steps=10, start_fraction=0.0)
+    z = torch.randn(2, 1, 16)
+    offsets.switch_on(0)
+    with torch.no_grad():
+        plain = gen.synthesize(z, [])
+        gen.synthesize(z, [], edit=offsets)  # creates the delta
+        offsets.offsets[0].delta.normal_(0, 1.0)
+        edited = gen.synthesize(z, [], edit=offsets)
+        again = gen.synthesize(z, [])
+    assert not torch.equal(edited, plain)
+    assert torch.equal(again, plain)
+
+
+def test_search_leaves_no_hooks_on_the_generator():
     gen = tiny_dcgan()
     config = SearchConfig(steps=4, intermediate_layers=("16x16",), intermediate_start=0.0)
     search(gen, torch.rand(1, 3, 8, 8), initial_state(gen, [0], config), config)
@@ -136,7 +150,11 @@ def test_unknown_split_point_lists_the_known_ones():
 def test_auto_picks_the_split_points_at_an_eighth_and_a_quarter_of_the_resolution():
     assert auto_layers(tiny_dcgan()) == ("8x8", "16x16")
     assert auto_layers(tiny_stylegan1(64)) == ("8x8", "16x16")
-    assert feature_size("b16") == 16 and feature_size("L3_36_512") == 36
+
+
+def test_split_points_carry_their_sides_coarse_to_fine():
+    assert tiny_dcgan().feature_layers() == {"4x4": 4, "8x8": 8, "16x16": 16, "32x32": 32}
+    assert tiny_stylegan1(16).feature_layers() == {"4x4": 4, "8x8": 8, "16x16": 16}
 
 
 @pytest.mark.parametrize("make", [tiny_stylegan1, tiny_dcgan])
@@ -160,8 +178,8 @@ def test_intermediate_mode_restores_a_real_photo_that_plain_pulse_cannot(demo_ge
             steps=150, early_stop=True, intermediate_layers=("auto",), intermediate_radius=0.1
         ),
     )
-    assert plain.converged == 0
-    assert ilo.converged == 2
+    assert plain.converged_count == 0
+    assert ilo.converged_count == 2
 
 
 def test_cli_and_flow_default_to_the_evaluated_robust_preset():
@@ -169,8 +187,8 @@ def test_cli_and_flow_default_to_the_evaluated_robust_preset():
 
     from flows.restore import restore_archive
     from pulse_cli.main import build_parser
-    from pulse_core.batch import RestoreSettings
     from pulse_core.search import DEFAULT_PRESET, preset
+    from pulse_core.settings import RestoreSettings
 
     assert DEFAULT_PRESET == "robust"
     robust = preset("robust")
@@ -179,7 +197,8 @@ def test_cli_and_flow_default_to_the_evaluated_robust_preset():
     args = build_parser().parse_args(["upsample", "x.png", "--out", "o"])
     assert args.preset == "robust"
     assert RestoreSettings().preset == "robust"
-    assert inspect.signature(restore_archive.fn).parameters["preset"].default == "robust"
+    default = inspect.signature(restore_archive.fn).parameters["settings"].default
+    assert default.preset == "robust" and default.config == robust
 
 
 def test_reference_preset_has_every_new_mode_off():
@@ -190,8 +209,9 @@ def test_reference_preset_has_every_new_mode_off():
 def test_batch_records_every_attempt_in_the_manifest(demo_generator, tmp_path):
     import shutil
 
-    from pulse_core.batch import RestoreSettings, restore_items
     from pulse_core.manifest import read_manifest
+    from pulse_core.pipeline import process_batch
+    from pulse_core.settings import RestoreSettings
     from pulse_core.storage import open_storage
 
     src = tmp_path / "src"
@@ -199,15 +219,11 @@ def test_batch_records_every_attempt_in_the_manifest(demo_generator, tmp_path):
     shutil.copy(EXAMPLES / "grace-hopper-16.png", src / "g.png")
     dest = open_storage(str(tmp_path / "dest"))
     dest.check(create=True)
-    settings = RestoreSettings(
-        samples=1,
-        steps=5,
-        eps=1e-9,
-        restart_budget=3,
-        intermediate_layers=("16x16",),
-        intermediate_radius=0.2,
+    search = SearchConfig(
+        steps=5, eps=1e-9, restart_budget=3, intermediate_layers=("16x16",), intermediate_radius=0.2
     )
-    restore_items(["g.png"], open_storage(str(src)), dest, settings, run_id="r", batch_id="0")
+    settings = RestoreSettings(samples=1, search=search)
+    process_batch(["g.png"], open_storage(str(src)), dest, settings, run_id="r", batch_id="0")
     rows = read_manifest(dest, "_runs/r/parts/samples-0.parquet").to_pylist()
     assert len(rows) == 3
     assert [r["selected"] for r in sorted(rows, key=lambda r: r["sample_index"])] == [

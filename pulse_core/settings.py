@@ -1,0 +1,167 @@
+"""The one description of a restore: `RestoreSettings` (holding a `SearchConfig`).
+
+Every entry point builds one and passes it whole: `pulse upsample` and `pulse run` through the
+argparse options generated from these dataclasses (`pulse_cli.options`), the Prefect flow as a
+typed parameter (Prefect validates it with pydantic, and the deployment's run form shows each
+field with its description and the `Literal` choices as dropdowns), notebooks directly.
+
+A preset and its overrides are resolved once (`resolved()`): from then on `settings.search` holds
+the effective values, which is what the report, the manifest and the UI show. Values are checked
+when a settings object is built, so nothing downstream validates again.
+
+`PipelineOptions` says how a run is executed (fan-out, retries of the whole run, failures
+allowed); it does not change a single output pixel, which is why it is kept apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+from pulse_core.errors import ConfigError
+from pulse_core.imaging import DEFAULT_MAX_PIXELS, FIT_POLICIES
+from pulse_core.search import DEFAULT_PRESET, PresetName, SearchConfig, option, preset
+
+FitPolicy = Literal["center-crop", "pad", "none"]
+Device = Literal[
+    "auto",
+    "cpu",
+    "cuda",
+    "mps",
+    "cuda:0",
+    "cuda:1",
+    "cuda:2",
+    "cuda:3",
+    "cuda:4",
+    "cuda:5",
+    "cuda:6",
+    "cuda:7",
+]  # a dropdown in the Prefect form; more GPUs per box: one worker each, CUDA_VISIBLE_DEVICES
+TaskRunner = Literal["threads", "dask"]
+TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunner)
+assert set(get_args(FitPolicy)) == set(FIT_POLICIES), "FitPolicy lists imaging's policies"
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """What to restore with: the model, the search and the input handling, for a whole run."""
+
+    model: str = option("demo", "generator: a catalogue name or a path every worker can read")
+    samples: int = option(4, "HR samples per input")
+    resample: int = option(
+        0, "how many of the samples come from noise resampling of the best restart (StyleGAN)"
+    )
+    preset: PresetName = option(
+        DEFAULT_PRESET,
+        "base search settings: robust (product default: intermediate-layer search, early stop, "
+        "restarts), fast (the paper + early stop) or reference (the paper, exactly)",
+    )
+    search: SearchConfig | None = option(
+        None, "the search settings, complete; empty = the preset's own"
+    )
+    seed: int = option(0, "base seed; each (input, sample) derives its own")
+    fit: FitPolicy = option("center-crop", "how a non-square input is made square")
+    device: Device = option("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    search_batch: int = option(32, "search rows (inputs x samples) per forward pass")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest input (width x height) decoded")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+        if not 0 <= self.resample < self.samples:
+            raise ConfigError(
+                f"resample must be between 0 and samples - 1 ({self.samples - 1}), "
+                f"got {self.resample}"
+            )
+        if self.search_batch < 1:
+            raise ConfigError(f"search_batch must be >= 1, got {self.search_batch}")
+        if self.fit not in FIT_POLICIES:
+            raise ConfigError(
+                f"unknown fit policy {self.fit!r}; choose one of: {', '.join(FIT_POLICIES)}"
+            )
+        if self.device not in get_args(Device):
+            raise ConfigError(
+                f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N (N < 8) or mps"
+            )
+        preset(self.preset)  # an unknown preset fails here, with the choices
+        if isinstance(self.search, dict):  # built from JSON without pydantic
+            object.__setattr__(self, "search", SearchConfig(**self.search))
+
+    @property
+    def config(self) -> SearchConfig:
+        """The effective search: `search` if given, else the preset's."""
+        return self.search if self.search is not None else preset(self.preset)
+
+    def resolved(self) -> RestoreSettings:
+        """The same settings with `search` filled in: what a run records and shows."""
+        return self if self.search is not None else replace(self, search=preset(self.preset))
+
+    @property
+    def restarts(self) -> int:
+        """Samples that come from new random starts (the others are noise resamples)."""
+        return self.samples - self.resample
+
+
+def build_settings(
+    preset_name: str = DEFAULT_PRESET,
+    search_overrides: dict[str, object] | None = None,
+    **fields: object,
+) -> RestoreSettings:
+    """RestoreSettings from a preset, the search fields to change, and the other fields.
+
+    The one place where a preset and its overrides meet: the CLI commands, the bench scripts
+    and tests all come through here. `None` values mean "keep the preset's".
+    """
+    changes = {k: v for k, v in (search_overrides or {}).items() if v is not None}
+    search = preset(preset_name).with_(**changes)
+    kept = {k: v for k, v in fields.items() if v is not None}
+    return RestoreSettings(preset=preset_name, search=search, **kept)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a run is executed: fan-out, limits, failure policy. Outputs do not depend on it."""
+
+    inputs_per_task: int = option(8, "inputs per restore task (the unit of fan-out and retry)")
+    task_runner: TaskRunner = option(
+        "threads", "threads (in the flow's process) or dask (a LocalCluster or dask_address)"
+    )
+    max_workers: int = option(1, "threads, or LocalCluster worker processes")
+    dask_address: str | None = option(
+        None, "tcp://host:8786 of an existing Dask cluster (with task_runner dask)"
+    )
+    gpu_resource: bool = option(
+        True, "with dask: send restore tasks only to workers started with --resources GPU=1"
+    )
+    limit: int | None = option(None, "restore at most this many pending inputs")
+    force: bool = option(False, "redo inputs that are already restored")
+    max_failures: int = option(0, "failed inputs allowed before the run is marked failed")
+    storage_endpoint: str | None = option(
+        None, "S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS itself)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.inputs_per_task < 1 or self.max_workers < 1:
+            raise ConfigError("inputs_per_task and max_workers must be >= 1")
+        if self.task_runner not in TASK_RUNNERS:
+            raise ConfigError(
+                f"unknown task_runner {self.task_runner!r}; choose one of: "
+                f"{', '.join(TASK_RUNNERS)}"
+            )
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
+        if self.dask_address == "":  # an unset Prefect variable in prefect.yaml renders as ""
+            object.__setattr__(self, "dask_address", None)
+
+
+__all__ = [
+    "TASK_RUNNERS",
+    "Device",
+    "FitPolicy",
+    "PipelineOptions",
+    "RestoreSettings",
+    "TaskRunner",
+    "build_settings",
+]
