@@ -433,3 +433,60 @@ def test_bundled_examples_are_valid_inputs_for_a_64px_generator(file: str, facto
     prepared = prepare_input(load_image(path), 64, policy="none")
     assert prepared.factor == factor
     assert prepared.conversions == []
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory PIL images: the library path equals the file path
+
+
+def _exif_rotated_jpeg() -> bytes:
+    img = Image.new("RGB", (32, 16), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(img, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _palette_png() -> bytes:
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([10, 200, 30, 0, 0, 0] + [0] * 762)
+    img.putpixel((1, 0), 1)
+    return _encode(img, transparency=1)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_exif_rotated_jpeg, id="exif-orientation"),
+        pytest.param(
+            lambda: _encode(Image.fromarray(np.array([[0, 65535], [257, 30000]], np.uint16))),
+            id="16-bit-grey",
+        ),
+        pytest.param(
+            lambda: _encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), id="cmyk"
+        ),
+        pytest.param(_palette_png, id="palette-transparency"),
+        pytest.param(lambda: _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 100))), id="rgba"),
+        pytest.param(lambda: _encode(Image.new("L", (4, 4), 77)), id="grey"),
+    ],
+)
+def test_a_pil_image_is_normalised_exactly_like_its_file(data) -> None:
+    from pulse_core.imaging import image_from_pil
+
+    raw = data()
+    from_file = load_image(raw)
+    from_pil = image_from_pil(Image.open(io.BytesIO(raw)))
+    assert torch.equal(from_pil.tensor, from_file.tensor)
+    assert from_pil.conversions == from_file.conversions and from_pil.conversions
+
+
+def test_restore_reports_how_a_pil_image_was_normalised(demo_generator) -> None:
+    from pulse_core import SearchConfig, restore
+
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([120, 90, 60] + [0] * 765)
+    config = SearchConfig(steps=2)
+    from_pil = restore(img, demo_generator, samples=1, config=config)
+    from_tensor = restore(load_image(_encode(img)).tensor, demo_generator, samples=1, config=config)
+    assert from_pil.conversions == ["palette -> RGB"]
+    assert torch.equal(from_pil.samples[0].hr, from_tensor.samples[0].hr)
