@@ -7,6 +7,7 @@ on one box, or Dask GPU workers) can be chosen per run.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, datetime
 
@@ -18,9 +19,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
+from flows.recovery import adopt_crashed
 from flows.report import report_markdown, results_table
 from pulse_core.errors import PulseError
-from pulse_core.pipeline import BatchOutcome, RunSummary, summarise
+from pulse_core.lease import RunLease
+from pulse_core.manifest import finalize_run
+from pulse_core.pipeline import BatchOutcome, Discovery, RunSummary, summarise
 from pulse_core.settings import PipelineOptions, RestoreSettings
 from pulse_core.storage import Storage, StorageConfig, open_storage
 from tasks.discover import discover_inputs
@@ -90,35 +94,14 @@ def restore_archive(
     run_key = "restore"
 
     found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
-    size = options.inputs_per_task
-    batches = [found.pending[i : i + size] for i in range(0, len(found.pending), size)]
-    progress_id = str(
-        create_progress_artifact(0.0, key=f"{run_key}-progress", description="Batches done (%)")
-    )
-    started = time.perf_counter()
-    outcomes: list[BatchOutcome] = []
-    if batches:
-        runner = _task_runner(options)
-        outcomes = restore_batches.with_options(task_runner=runner)(
-            batches,
-            src,
-            dst,
-            settings,
-            run_id,
-            found.collisions,
-            options.gpu_resource and options.task_runner == "dask",
-            progress_id,
+    with RunLease(dst, run_id):  # heartbeats; a later run adopts what a crash leaves
+        adopt_crashed(dst, run_id)
+        outcomes, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
+        files = finalize_manifests(dst, run_id) if outcomes else None
+        summary = summarise(
+            run_id, src.url, dst.url, settings, found.total, found.done, outcomes, seconds, files
         )
-    else:
-        update_progress_artifact(progress_id, progress=100.0)
-        logger.info("nothing to do: every input in %s is already restored in %s", source, dest)
-    seconds = time.perf_counter() - started
-
-    files = finalize_manifests(dst, run_id) if outcomes else None
-    summary = summarise(
-        run_id, src.url, dst.url, settings, found.total, found.done, outcomes, seconds, files
-    )
-    publish_artifacts(results_table(outcomes), report_markdown(summary), run_key)
+        publish_artifacts(results_table(outcomes), report_markdown(summary), run_key)
     logger.info(
         "%d ok, %d failed, %d skipped; manifests: %s",
         summary.ok,
@@ -133,6 +116,46 @@ def restore_archive(
             f"else was finished and recorded. First: {reasons}"
         )
     return summary
+
+
+def _fan_out(
+    found: Discovery,
+    src: Storage,
+    dst: Storage,
+    settings: RestoreSettings,
+    options: PipelineOptions,
+    run_id: str,
+    run_key: str,
+) -> tuple[list[BatchOutcome], float]:
+    """Run every batch; if the fan-out fails, merge what finished before re-raising."""
+    logger = get_run_logger()
+    size = options.inputs_per_task
+    batches = [found.pending[i : i + size] for i in range(0, len(found.pending), size)]
+    progress_id = str(
+        create_progress_artifact(0.0, key=f"{run_key}-progress", description="Batches done (%)")
+    )
+    started = time.perf_counter()
+    if not batches:
+        update_progress_artifact(progress_id, progress=100.0)
+        logger.info("nothing to do: every input in %s is already restored in %s", src.url, dst.url)
+        return [], time.perf_counter() - started
+    try:
+        outcomes = restore_batches.with_options(task_runner=_task_runner(options))(
+            batches,
+            src,
+            dst,
+            settings,
+            run_id,
+            found.collisions,
+            options.gpu_resource and options.task_runner == "dask",
+            progress_id,
+        )
+    except BaseException:
+        # Batches that finished wrote their parts: merge them now (or the next run adopts them).
+        with contextlib.suppress(PulseError):
+            finalize_run(dst, run_id)
+        raise
+    return outcomes, time.perf_counter() - started
 
 
 def _task_runner(options: PipelineOptions) -> ThreadPoolTaskRunner | DaskTaskRunner:

@@ -23,7 +23,9 @@ import torch
 from pulse_cli.options import add_settings_arguments, settings_from_args
 from pulse_cli.progress import ProgressBar
 from pulse_core.devices import pick_device
+from pulse_core.generators.base import Generator
 from pulse_core.generators.loading import load_generator
+from pulse_core.lease import RunLease, adopt_crashed_runs
 from pulse_core.pipeline import (
     IMAGE_SUFFIXES,
     BatchOutcome,
@@ -109,10 +111,49 @@ def run_upsample(args: argparse.Namespace) -> int:
     source, dest = LocalStorage(root), LocalStorage(out)
     dest.check(create=True)
     run_id = f"upsample-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    collisions = find_collisions(keys)
     per_batch = max(1, settings.search_batch // settings.restarts)
     batches = [keys[i : i + per_batch] for i in range(0, len(keys), per_batch)]
 
+    adopted, _ = adopt_crashed_runs(dest, run_id)
+    for lease in adopted:
+        say(f"finished the manifests of an earlier run that {lease.finished}: {lease.run_id}")
+    with RunLease(dest, run_id):
+        outcomes, seconds = _restore_batches(
+            batches, source, dest, settings, run_id, args, generator
+        )
+        files = finalize_run(dest, run_id)
+    summary = summarise(
+        run_id, str(root), str(out), settings, len(keys), 0, outcomes, seconds, files
+    )
+    text = json.dumps(summary.to_dict(), indent=2, default=str)
+    dest.write_bytes(SUMMARY_NAME, text.encode(), content_type="application/json")
+    if args.json:
+        print(text)
+    else:
+        print_table(summary)
+        print(
+            f"\nresults in {out}/ (one folder per input: sample-K.png, sample-K-lr.png, "
+            f"sheet.png); manifests: {summary.samples_key}; summary: {out / SUMMARY_NAME}"
+        )
+    if summary.failures:
+        print(f"\n{summary.failed} of {summary.attempted} input(s) failed:", file=sys.stderr)
+        for key, reason in summary.failures:
+            print(f"  {key}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _restore_batches(
+    batches: list[list[str]],
+    source: LocalStorage,
+    dest: LocalStorage,
+    settings: RestoreSettings,
+    run_id: str,
+    args: argparse.Namespace,
+    generator: Generator,
+) -> tuple[list[BatchOutcome], float]:
+    """Every batch through the pipeline, with a progress bar per batch."""
+    collisions = find_collisions([k for batch in batches for k in batch])
     started = time.perf_counter()
     outcomes: list[BatchOutcome] = []
     for n, batch in enumerate(batches):
@@ -142,27 +183,7 @@ def run_upsample(args: argparse.Namespace) -> int:
             bar.update(bar.total)
         finally:
             bar.close()
-    seconds = time.perf_counter() - started
-    files = finalize_run(dest, run_id)
-    summary = summarise(
-        run_id, str(root), str(out), settings, len(keys), 0, outcomes, seconds, files
-    )
-    text = json.dumps(summary.to_dict(), indent=2, default=str)
-    dest.write_bytes(SUMMARY_NAME, text.encode(), content_type="application/json")
-    if args.json:
-        print(text)
-    else:
-        print_table(summary)
-        print(
-            f"\nresults in {out}/ (one folder per input: sample-K.png, sample-K-lr.png, "
-            f"sheet.png); manifests: {summary.samples_key}; summary: {out / SUMMARY_NAME}"
-        )
-    if summary.failures:
-        print(f"\n{summary.failed} of {summary.attempted} input(s) failed:", file=sys.stderr)
-        for key, reason in summary.failures:
-            print(f"  {key}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    return outcomes, time.perf_counter() - started
 
 
 def _planned_steps(inputs: int, settings: RestoreSettings) -> int:

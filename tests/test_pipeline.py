@@ -281,7 +281,9 @@ def test_s3_to_s3_run_writes_samples_checks_and_manifests_readable_with_pyarrow(
     run = summary.run_id
     assert summary.samples_key == f"s3://pulse-dest/{prefix}/_runs/{run}/samples.parquet"
     written = _s3_keys(client, "pulse-dest", f"{prefix}/")
-    expected = {f"_runs/{run}/samples.parquet", f"_runs/{run}/losses.parquet"}
+    expected = {
+        f"_runs/{run}/{name}" for name in ("samples.parquet", "losses.parquet", "lease.json")
+    }
     for key in inputs:
         stem = key.rsplit(".", 1)[0]
         expected.add(f"{stem}/sheet.png")
@@ -644,4 +646,5 @@ def test_pulse_upsample_and_the_flow_write_the_same_outputs_and_manifests(
     assert {p.name for p in run_dir.rglob("*") if p.is_file()} == {
         "samples.parquet",
         "losses.parquet",
+        "lease.json",  # finished: "completed"
     }
