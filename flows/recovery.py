@@ -28,16 +28,20 @@ def adopt_crashed(
 ) -> list[str]:
     """Adopt the leftovers of earlier runs that died or failed; returns their run ids."""
     logger = get_run_logger()
-    adopted, failed = adopt_crashed_runs(dest, run_id, timedelta(seconds=stale_after_s))
-    for lease in adopted:
+    adoption = adopt_crashed_runs(dest, run_id, timedelta(seconds=stale_after_s))
+    for lease in adoption.leases:
         logger.warning(
             "adopted the leftovers of run %s (%s: %s)", lease.run_id, lease.finished, lease.message
         )
         if lease.finished == "crashed":
             _mark_crashed(lease, run_id, logger)
-    for other, reason in failed:
+    for other in adoption.orphans.adopted_runs:
+        logger.warning("merged the leftover parts of run %s (no live lease)", other)
+    if adoption.orphans.removed_temp_files:
+        logger.info("removed %d stale temp file(s)", len(adoption.orphans.removed_temp_files))
+    for other, reason in adoption.problems:
         logger.warning("could not adopt run %s yet (next run retries): %s", other, reason)
-    return [lease.run_id for lease in adopted]
+    return [lease.run_id for lease in adoption.leases] + list(adoption.orphans.adopted_runs)
 
 
 def _mark_crashed(lease: LeaseRecord, by_run_id: str, logger) -> None:

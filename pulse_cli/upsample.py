@@ -114,8 +114,8 @@ def run_upsample(args: argparse.Namespace) -> int:
     per_batch = max(1, settings.search_batch // settings.restarts)
     batches = [keys[i : i + per_batch] for i in range(0, len(keys), per_batch)]
 
-    adopted, _ = adopt_crashed_runs(dest, run_id)
-    for lease in adopted:
+    adoption = adopt_crashed_runs(dest, run_id)
+    for lease in adoption.leases:
         say(f"finished the manifests of an earlier run that {lease.finished}: {lease.run_id}")
     with RunLease(dest, run_id):
         outcomes, seconds = _restore_batches(

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from pulse_core.errors import PulseError
-from pulse_core.manifest import RUNS_PREFIX, finalize_run
+from pulse_core.manifest import RUNS_PREFIX, AdoptReport, adopt_leftovers, finalize_run
 from pulse_core.storage import Storage, StorageNotFoundError
 
 HEARTBEAT_S = 30.0  # how often a live run refreshes its lease
@@ -173,22 +173,43 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass
+class Adoption:
+    """What a run took over from earlier ones before starting its own work."""
+
+    leases: list[LeaseRecord]  # runs that crashed (stale lease) or failed, now finalised
+    problems: list[tuple[str, str]]  # (run id, reason) not adoptable now; the next run retries
+    orphans: AdoptReport  # parts of runs without a live lease, stale temp files
+
+
 def adopt_crashed_runs(
     dest: Storage, current_run_id: str, stale_after: timedelta = DEFAULT_STALE_AFTER
-) -> tuple[list[LeaseRecord], list[tuple[str, str]]]:
+) -> Adoption:
     """Finish what dead or failed runs left: merge their parts into their run manifests.
 
-    Returns (adopted leases, (run id, reason) for the ones that could not be adopted now: they
-    are tried again by the next run). Finalisation is idempotent, so adopting twice is harmless.
+    First the runs known by their lease (crashed: stale heartbeat; failed: said so), then any
+    parts of runs without a live lease whose newest part is older than `stale_after` (runs of
+    older builds, runs killed before their first heartbeat), and stale `.pulse-tmp-*` files.
+    Finalisation is idempotent, so adopting twice is harmless.
     """
-    adopted: list[LeaseRecord] = []
-    failed: list[tuple[str, str]] = []
+    leases: list[LeaseRecord] = []
+    problems: list[tuple[str, str]] = []
+    now = _now()
+    live = {
+        lease.run_id
+        for lease in read_leases(dest)
+        if lease.finished is None and not lease.is_stale(now, stale_after)
+    }
     for lease in runs_to_adopt(dest, current_run_id, stale_after):
         try:
             finalize_run(dest, lease.run_id)
             mark_adopted(dest, lease, current_run_id)
         except PulseError as exc:
-            failed.append((lease.run_id, str(exc)))
+            problems.append((lease.run_id, str(exc)))
             continue
-        adopted.append(lease)
-    return adopted, failed
+        leases.append(lease)
+    orphans = adopt_leftovers(
+        dest, current_run_id=current_run_id, older_than=stale_after, live_runs=live
+    )
+    problems += list(orphans.failed_runs)
+    return Adoption(leases, problems, orphans)

@@ -22,17 +22,25 @@ All parts share `SAMPLES_SCHEMA`, so the folder reads directly as one table:
     pyarrow.dataset.dataset("dest/_manifest/samples", format="parquet")   # or s3://...
     duckdb: SELECT * FROM read_parquet('dest/_manifest/samples/*.parquet')
 
-Guarantee: after `append_to_index` (reconcile on, the default) or `reconcile_index` returns,
-every (input_key, sample_index) appears in exactly one row of the folder, so a plain dataset read
-of the raw folder has no duplicates after re-runs. How: the identity of a row is (input_key,
-sample_index); the newest row wins, ordered by (created_at, run_id, part name, row position).
-Reconciling reads only the key columns of every part, and rewrites (atomically) just the parts
-holding superseded rows, deleting parts left empty. A run that adds new inputs rewrites nothing.
+The index rule: an input is the unit of replacement. Per `input_key` the index holds the rows
+of ONE writer (run id + part): the newest one that restored the input (has "ok" rows); an input
+no run ever restored keeps its newest failed rows. "Newest" orders by (created_at, run_id, part
+name); inside the winner, one row per sample_index. So a redo with fewer samples leaves no row of
+the older run for that input (not even its unselected restarts), and the index never mixes runs
+for one input. A newer *failure* never displaces an earlier success: a flaky redo (a GPU out of
+memory, a storage hiccup) must not make dest forget good samples whose PNGs are still there; the
+failure is recorded in that run's own manifest (`_runs/<id>/samples.parquet`).
+
+Guarantee: after `append_to_index` (reconcile on, the default) or `reconcile_index` returns, the
+raw folder holds exactly what the rule keeps, so a plain dataset read has no stale or duplicate
+rows. Reconciling reads only `RULE_COLUMNS` of every part and rewrites (atomically) just the
+parts holding superseded rows, deleting parts left empty. A run adding new inputs rewrites nothing.
 
 Why this order of steps: the new part is written first and older parts are trimmed after it.
-A crash in between leaves a duplicate (never a lost row), which `read_index` already hides
-(it applies the same newest-wins rule) and the next reconcile removes. Trimming first could lose
-the only copy of a row.
+A crash in between leaves superseded rows (never a lost row), which `read_index` already hides
+(it applies the same rule) and the next reconcile removes. Trimming first could lose the only
+copy of a row. Winning rows are never removed (a rewritten part keeps its name), so an
+interrupted reconcile picks the same winners when it runs again.
 
 Writers: writing the same part name again replaces that part, so a retried task is idempotent.
 Reconciling is read-modify-write without locks (S3 has no rename and no cheap lock), so run it
@@ -40,25 +48,32 @@ from one writer at a time: concurrent batch tasks of one run append with `reconc
 the flow calls `reconcile_index` (or `compact_index`) once when they are done. A lost race only
 ever leaves duplicates that `read_index` hides and the next reconcile removes.
 
-`compact_index` rewrites the whole index into one part (fewer, larger files for readers), also
-newest-wins. Bump `SCHEMA_VERSION` on any incompatible change and let compaction migrate.
+`compact_index` rewrites the whole index into one part (fewer, larger files for readers), by
+the same rule.
+
+Finalisation (`finalize_run`) merges a run's batch parts into its run manifests as a union with
+what they already hold, then reconciles, then deletes the parts: it may fail at any step and be
+run again. `adopt_leftovers` finalises the runs a crash left behind.
+
+Bump `SCHEMA_VERSION` on any incompatible change and let compaction migrate.
 """
 
 from __future__ import annotations
 
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pulse_core.errors import PulseError
-from pulse_core.storage import Storage, StorageNotFoundError
+from pulse_core.storage import LocalStorage, Storage, StorageNotFoundError
 
 SCHEMA_VERSION = 2  # 2 added attempt, selected, intermediate_layers, intermediate_radius
 RUNS_PREFIX = "_runs"  # dest/_runs/<run id>/{samples,losses}.parquet
@@ -302,7 +317,13 @@ def _read_parquet(storage: Storage, key: str, columns: Sequence[str] | None = No
     """
     data = storage.read_bytes(key)
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+        file = pq.ParquetFile(pa.BufferReader(data))
+        if columns is not None:
+            # Only the columns the file has: an older part lacks the ones added since, and the
+            # caller fills them in with their implied values (`_conform_columns`).
+            present = set(file.schema_arrow.names)
+            columns = [c for c in columns if c in present]
+        table = file.read(columns=list(columns) if columns is not None else None)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"{storage.url}/{key} is not a readable Parquet file: {exc}") from exc
     version = _file_version(table.schema)
@@ -358,22 +379,24 @@ def _index_parts(storage: Storage) -> list[str]:
     return parts
 
 
-def _winner_mask(table: pa.Table, order: Sequence[tuple[str, str]]) -> pa.Array:
-    """Boolean mask of the rows that win their (input_key, sample_index) group.
+def _winner_mask(
+    table: pa.Table, order: Sequence[tuple[str, str]], keys: Sequence[str] = KEY_COLUMNS
+) -> pa.Array:
+    """Boolean mask (in row order) of the row that comes first in each `keys` group by `order`.
 
-    Sorts once by key then by `order` (descending: newest first) and keeps the first row of
-    each key run; vectorised so an index of millions of rows reconciles in about a second.
+    Sorts once by the keys then by `order` and keeps the first row of each key run; vectorised
+    so an index of millions of rows reconciles in about a second.
     """
     n = table.num_rows
     if n == 0:
         return pa.array([], type=pa.bool_())
-    sort_keys = [(k, "ascending") for k in KEY_COLUMNS] + list(order)
+    sort_keys = [(k, "ascending") for k in keys] + list(order)
     indices = pc.sort_indices(table, sort_keys=sort_keys)
-    sorted_keys = table.select(list(KEY_COLUMNS)).take(indices)
+    sorted_keys = table.select(list(keys)).take(indices)
     first = pa.array([True])
     if n > 1:
         changed = None
-        for column in KEY_COLUMNS:
+        for column in keys:
             col = sorted_keys.column(column).combine_chunks()
             diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
             changed = diff if changed is None else pc.or_(changed, diff)
@@ -388,19 +411,70 @@ _NEWEST_FIRST = [
     ("_part", "descending"),
     ("_row", "descending"),
 ]
+# What the per-input rule reads: the sample identity, who wrote the row, when, and whether the
+# input was restored. Reconciling reads only these columns of every part.
+RULE_COLUMNS = ("input_key", "sample_index", "status", "created_at", "run_id")
+_WRITER = ("input_key", "run_id", "_part")  # one batch of one run's rows for one input
+_WRITER_RANK = [
+    ("_ok", "descending"),  # restored the input: beats any writer that failed it
+    ("_newest", "descending"),  # then the newest batch
+    ("run_id", "descending"),  # then fixed tie-breaks, so every reader picks the same writer
+    ("_part", "descending"),
+]
 
 
 def _with_position(table: pa.Table, part: str) -> pa.Table:
     table = table.append_column("_part", pa.array([part] * table.num_rows, pa.string()))
-    return table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    return table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def _keep_mask(rows: pa.Table) -> pa.Array:
+    """Mask (in row order) of the rows the index keeps: per input, the rows of ONE writer.
+
+    `rows` has `RULE_COLUMNS` plus the `_part`/`_row` position columns. A writer is the
+    (run_id, part) that wrote an input's rows. Per input_key the winner is the newest writer with
+    an "ok" row; a writer without one (the input failed there) wins only when no writer restored
+    the input. Inside the winner, one row per sample_index (newest first), in case a part holds
+    repeats. Vectorised (group-by, join, sorts): no Python loop over rows.
+    """
+    n = rows.num_rows
+    if n == 0:
+        return pa.array([], type=pa.bool_())
+    position = pa.array(np.arange(n, dtype=np.int64))
+    writers = pa.table(
+        {
+            "input_key": rows.column("input_key"),
+            "run_id": rows.column("run_id"),
+            "_part": rows.column("_part"),
+            "ok": pc.equal(rows.column("status"), "ok"),
+            "created_at": rows.column("created_at"),
+        }
+    )
+    ranked = writers.group_by(list(_WRITER), use_threads=False).aggregate(
+        [("ok", "any"), ("created_at", "max")]
+    )
+    ranked = ranked.rename_columns({"ok_any": "_ok", "created_at_max": "_newest"})
+    best = ranked.filter(_winner_mask(ranked, _WRITER_RANK, keys=("input_key",)))
+    chosen = (
+        writers.select(list(_WRITER))
+        .append_column("_i", position)
+        .join(best.select(list(_WRITER)), keys=list(_WRITER), join_type="inner")
+    )
+    in_winner = pc.is_in(position, value_set=chosen.column("_i").combine_chunks())
+    inside = (
+        rows.select([*KEY_COLUMNS, "created_at", "run_id", "_part", "_row"])
+        .append_column("_i", position)
+        .filter(in_winner)
+    )
+    unique = inside.column("_i").filter(_winner_mask(inside, _NEWEST_FIRST)).combine_chunks()
+    return pc.is_in(position, value_set=unique)
 
 
 def _latest(table: pa.Table) -> pa.Table:
-    """Newest row per sample identity (input order of the survivors kept)."""
+    """`table` reduced by the index rule (one writer per input; input order of survivors kept)."""
     if table.num_rows == 0:
         return table
-    positioned = _with_position(table, "")
-    return table.filter(_winner_mask(positioned, _NEWEST_FIRST))
+    return table.filter(_keep_mask(_with_position(table, "")))
 
 
 def append_to_index(
@@ -409,8 +483,8 @@ def append_to_index(
     """Add sample rows to dest's index as part `part_name`, then (by default) reconcile.
 
     `storage` is the dest root. Rows must follow SAMPLES_SCHEMA (build them with
-    `samples_table`); duplicates inside `table` are reduced to the newest first. Writing an
-    existing part name replaces that part (idempotent task retries). Pass `reconcile=False` from
+    `samples_table`); the table is first reduced by the index rule itself. Writing an existing
+    part name replaces that part (idempotent task retries). Pass `reconcile=False` from
     concurrent writers and call `reconcile_index` once afterwards (see the module docstring).
     """
     key = part_key(part_name)
@@ -420,19 +494,29 @@ def append_to_index(
 
 
 def _conform(table: pa.Table, what: str) -> pa.Table:
-    """`table` cast to SAMPLES_SCHEMA (column order, metadata), or a clear ManifestError.
+    """`table` cast to SAMPLES_SCHEMA (column order, metadata), or a clear ManifestError."""
+    return _conform_columns(table, SAMPLES_SCHEMA.names, what)
+
+
+def _samples_subschema(columns: Sequence[str]) -> pa.Schema:
+    return pa.schema([SAMPLES_SCHEMA.field(n) for n in columns], metadata=SAMPLES_SCHEMA.metadata)
+
+
+def _conform_columns(table: pa.Table, columns: Sequence[str], what: str) -> pa.Table:
+    """`table`'s `columns`, cast to their SAMPLES_SCHEMA types, or a clear ManifestError.
 
     Parts written by an older schema version get the newer columns with their implied values.
     """
-    for name, value in _ADDED_COLUMNS.items():
-        if name not in table.column_names:
+    for name in columns:
+        if name in _ADDED_COLUMNS and name not in table.column_names:
             field = SAMPLES_SCHEMA.field(name)
+            value = _ADDED_COLUMNS[name]
             table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
-    missing = [n for n in SAMPLES_SCHEMA.names if n not in table.column_names]
+    missing = [n for n in columns if n not in table.column_names]
     if missing:
         raise ManifestError(f"{what} lack column(s) {missing}: build them with samples_table()")
     try:
-        return table.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+        return table.select(list(columns)).cast(_samples_subschema(columns))
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
         raise ManifestError(f"{what} do not match SAMPLES_SCHEMA: {exc}") from exc
 
@@ -442,8 +526,9 @@ def _load_index(
 ) -> tuple[list[str], pa.Table | None]:
     """(part keys, all their rows with `_part`/`_row` position columns), None when empty.
 
-    With `columns` only those are read (reconcile needs the key columns only); without, each
-    part is conformed to SAMPLES_SCHEMA so parts from older builds concatenate.
+    With `columns` only those are read (reconcile needs `RULE_COLUMNS` only); without, every
+    column. Either way each part is conformed to SAMPLES_SCHEMA so parts from older builds
+    concatenate.
     """
     keys, tables = [], []
     for key in _index_parts(storage):
@@ -451,8 +536,7 @@ def _load_index(
             part = _read_parquet(storage, key, columns)
         except StorageNotFoundError:
             continue  # deleted by another writer since listing
-        if columns is None:
-            part = _conform(part, f"index part {key}")
+        part = _conform_columns(part, columns or SAMPLES_SCHEMA.names, f"index part {key}")
         keys.append(key)
         tables.append(_with_position(part, key))
     if not tables:
@@ -461,15 +545,16 @@ def _load_index(
 
 
 def reconcile_index(storage: Storage) -> ReconcileReport:
-    """Remove superseded rows from the index folder so each sample appears exactly once.
+    """Trim the index folder to the rule: per input, the rows of one run (see module docstring).
 
-    Reads only the key columns of every part; rewrites (atomically) only parts that hold a
-    superseded row and deletes parts left empty.
+    Reads only `RULE_COLUMNS` of every part; rewrites (atomically) only parts that hold a
+    superseded row and deletes parts left empty. The winning rows are never touched, so a crash
+    part-way leaves only losers behind: the next reconcile picks the same winners and finishes.
     """
-    keys, rows = _load_index(storage, [*KEY_COLUMNS, "created_at", "run_id"])
+    keys, rows = _load_index(storage, RULE_COLUMNS)
     if rows is None:
         return ReconcileReport(0, 0, 0, (), ())
-    keep = _winner_mask(rows, _NEWEST_FIRST)
+    keep = _keep_mask(rows)
     losers = rows.filter(pc.invert(keep))
     rewritten: list[str] = []
     deleted: list[str] = []
@@ -481,6 +566,8 @@ def reconcile_index(storage: Storage) -> ReconcileReport:
             deleted.append(part)
             continue
         full = _conform(_read_parquet(storage, part), f"index part {part}")
+        if full.num_rows != len(part_keep):
+            continue  # replaced since (a retried batch): leave it to the next reconcile
         write_parquet(storage, part, full.filter(part_keep))
         rewritten.append(part)
     return ReconcileReport(
@@ -492,33 +579,42 @@ def reconcile_index(storage: Storage) -> ReconcileReport:
     )
 
 
-def read_index(storage: Storage) -> pa.Table:
-    """Every sample dest holds: the newest row per (input_key, sample_index), sorted by them.
+def read_index(storage: Storage, columns: Sequence[str] | None = None) -> pa.Table:
+    """What dest holds now: per input, the rows of its winning run, sorted by input and sample.
 
-    Applies newest-wins itself, so it is duplicate-free even while a reconcile is pending.
+    Applies the index rule itself, so the answer is right even while a reconcile is pending.
+    `columns`: return only these (SAMPLES_SCHEMA names, in this order); only they and
+    `RULE_COLUMNS` are read from the parts, so a caller wanting three columns of a large index
+    does not pay for thirty. None = every column.
     """
-    _, rows = _load_index(storage)
+    wanted = list(SAMPLES_SCHEMA.names if columns is None else dict.fromkeys(columns))
+    unknown = [c for c in wanted if c not in SAMPLES_SCHEMA.names]
+    if unknown:
+        raise ManifestError(f"the index has no column(s) {unknown}; it has {SAMPLES_SCHEMA.names}")
+    read = None if columns is None else list(dict.fromkeys([*wanted, *RULE_COLUMNS]))
+    _, rows = _load_index(storage, read)
     if rows is None:
-        return SAMPLES_SCHEMA.empty_table()
-    return _newest_sorted(rows)
+        return _samples_subschema(wanted).empty_table()
+    return _current(rows).select(wanted)
 
 
-def _newest_sorted(rows: pa.Table) -> pa.Table:
-    latest = rows.filter(_winner_mask(rows, _NEWEST_FIRST))
-    latest = latest.sort_by([(k, "ascending") for k in KEY_COLUMNS])
-    return latest.drop_columns(["_part", "_row"]).replace_schema_metadata(SAMPLES_SCHEMA.metadata)
+def _current(rows: pa.Table) -> pa.Table:
+    """The rows the index rule keeps, sorted by sample identity, position columns dropped."""
+    kept = rows.filter(_keep_mask(rows))
+    kept = kept.sort_by([(k, "ascending") for k in KEY_COLUMNS])
+    return kept.drop_columns(["_part", "_row"]).replace_schema_metadata(SAMPLES_SCHEMA.metadata)
 
 
 def compact_index(storage: Storage, part_name: str | None = None) -> ReconcileReport:
-    """Rewrite the whole index as one part (newest row per sample), then delete the others.
+    """Rewrite the whole index as one part (the rows the index rule keeps), then delete the rest.
 
-    The compacted part is written before anything is deleted, so a crash leaves duplicates
-    (hidden by `read_index`, removed by the next reconcile), never missing rows.
+    The compacted part is written before anything is deleted, so a crash leaves copies (hidden
+    by `read_index`, removed by the next reconcile), never missing rows.
     """
     keys, rows = _load_index(storage)
     if rows is None:
         return ReconcileReport(0, 0, 0, (), ())
-    latest = _newest_sorted(rows)
+    latest = _current(rows)
     name = part_name or f"compacted-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
     target = part_key(name)
     write_parquet(storage, target, latest)
@@ -696,23 +792,219 @@ class RunFiles:
 def finalize_run(dest: Storage, run_id: str) -> RunFiles:
     """Merge the run's batch parts into `samples.parquet` / `losses.parquet`; reconcile the index.
 
-    Parts are deleted only after both merged files are written, so a crash here loses nothing
-    and running it again finishes the job.
+    Safe to fail at any step and run again (a retry, or a later run adopting a crashed one):
+    1. each run manifest becomes what it already holds UNION the parts left, one row per row
+       identity (a part's row wins), so a retry after some parts were deleted keeps their rows;
+    2. the index is reconciled (itself restartable);
+    3. only then are the parts deleted.
+    No step removes the only copy of a row, and none can add a row twice.
     """
-    prefix = f"{RUNS_PREFIX}/{run_id}/parts/"
-    parts = sorted(o.key for o in dest.list(prefix=prefix, suffixes=(".parquet",)))
-    merged: dict[str, pa.Table] = {}
-    for kind, make in (("samples", samples_table), ("losses", losses_table)):
-        tables = [read_manifest(dest, k) for k in parts if k[len(prefix) :].startswith(f"{kind}-")]
-        table = pa.concat_tables(tables) if tables else make([])
-        write_parquet(dest, run_manifest_key(run_id, kind), table)
-        merged[kind] = table
+    parts = _run_parts(dest, run_id)
+    counts = _merge_run_parts(dest, run_id, parts)
+    reconcile_index(dest)
     for key in parts:
         dest.delete(key)
-    reconcile_index(dest)
     return RunFiles(
         samples_key=run_manifest_key(run_id, "samples"),
         losses_key=run_manifest_key(run_id, "losses"),
-        samples_rows=merged["samples"].num_rows,
-        losses_rows=merged["losses"].num_rows,
+        samples_rows=counts["samples"],
+        losses_rows=counts["losses"],
     )
+
+
+# A row's identity in a run manifest: the merge keeps one row per identity.
+RUN_ROW_IDENTITY: dict[str, tuple[str, ...]] = {
+    "samples": KEY_COLUMNS,
+    "losses": ("input_key", "sample_index", "step"),
+}
+
+
+def _run_parts(dest: Storage, run_id: str) -> list[str]:
+    """The run's batch part keys, sorted (a bad run id is refused before anything is listed)."""
+    run_manifest_key(run_id, "samples")
+    prefix = f"{RUNS_PREFIX}/{run_id}/parts/"
+    return sorted(o.key for o in dest.list(prefix=prefix, suffixes=(".parquet",)))
+
+
+def _merge_run_parts(dest: Storage, run_id: str, parts: Sequence[str]) -> dict[str, int]:
+    """Write each run manifest as (its current rows UNION the parts); return the row counts.
+
+    Without parts the manifest is left as it is (a retry after the parts were deleted), or
+    written empty when it does not exist yet (a run that attempted nothing still has a record).
+    """
+    prefix = f"{RUNS_PREFIX}/{run_id}/parts/"
+    counts: dict[str, int] = {}
+    for kind in ("samples", "losses"):
+        key = run_manifest_key(run_id, kind)
+        try:
+            existing: pa.Table | None = read_manifest(dest, key)
+        except StorageNotFoundError:
+            existing = None
+        mine = [k for k in parts if k[len(prefix) :].startswith(f"{kind}-")]
+        if existing is not None and not mine:
+            counts[kind] = existing.num_rows
+            continue
+        tables = [existing] if existing is not None else []
+        tables += [read_manifest(dest, k) for k in mine]
+        merged = _union_rows(tables, kind)
+        write_parquet(dest, key, merged)
+        counts[kind] = merged.num_rows
+    return counts
+
+
+def _union_rows(tables: Sequence[pa.Table], kind: str) -> pa.Table:
+    """`tables` concatenated, one row per `RUN_ROW_IDENTITY[kind]`: the last table's row wins.
+
+    Vectorised (one sort of the identity columns; 2 million loss rows take about 0.2 s), since
+    a run's losses can hold millions of rows. Survivors keep their order.
+    """
+    schema = SAMPLES_SCHEMA if kind == "samples" else LOSSES_SCHEMA
+    conformed = [_conform_to(t, schema, f"{kind} manifest rows") for t in tables]
+    if not conformed:
+        return schema.empty_table()
+    table = pa.concat_tables(conformed)
+    identity = RUN_ROW_IDENTITY[kind]
+    keys = table.select(list(identity)).append_column(
+        "_pos", pa.array(np.arange(table.num_rows, dtype=np.int64))
+    )
+    return table.filter(_winner_mask(keys, [("_pos", "descending")], keys=identity))
+
+
+def _conform_to(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    if schema is SAMPLES_SCHEMA:
+        return _conform(table, what)
+    try:
+        return table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise ManifestError(
+            f"{what} do not match the {schema.metadata[b'pulse.schema']!r} schema: {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# What a crash leaves: adopted by the next run
+
+
+@dataclass(frozen=True)
+class AdoptReport:
+    """What `adopt_leftovers` did (for logs and Prefect artifacts)."""
+
+    adopted_runs: tuple[str, ...]  # runs whose parts were merged into their run manifests
+    waiting_runs: tuple[str, ...]  # runs with a part newer than `older_than`: maybe alive, left
+    failed_runs: tuple[tuple[str, str], ...]  # (run id, why) could not be adopted now; next time
+    removed_temp_files: tuple[str, ...]  # keys of stale `.pulse-tmp-*` files deleted (local)
+    reconcile: ReconcileReport | None  # the index reconcile after adopting; None: none adopted
+
+
+def adopt_leftovers(
+    dest: Storage,
+    *,
+    current_run_id: str,
+    older_than: timedelta,
+    now: datetime | None = None,
+    live_runs: Collection[str] = (),
+) -> AdoptReport:
+    """Finish what crashed or failed runs left in dest: their parts and stale temp files.
+
+    A run whose newest part under `_runs/<id>/parts/` is older than `older_than` (by the
+    storage's mtime) is finalised: its parts are merged into its run manifest, so every index
+    row's run id has one, and the parts are deleted. A younger part may belong to a run still
+    writing, so that run is left alone (finalising it anyway would be safe, since merging is a
+    union, but would race its own reconcile). `current_run_id` and `live_runs` (runs whose
+    lease says they are alive: `pulse_core.lease`) are never touched.
+
+    On a local dest, `.pulse-tmp-*` files (atomic writes a kill -9 interrupted; hidden from
+    `Storage.list`) older than `older_than` are deleted too. S3 has no such leftovers: a PUT is
+    atomic, and an interrupted multipart upload is never visible (a bucket lifecycle rule
+    `AbortIncompleteMultipartUpload` reclaims its space).
+
+    Safe to run at any time and twice: everything it does is finalisation, which is idempotent.
+    `now`: the reference clock (tests); None = the current UTC time.
+    """
+    now = now or datetime.now(UTC)
+    newest: dict[str, datetime] = {}
+    for info in dest.list(prefix=f"{RUNS_PREFIX}/", suffixes=(".parquet",)):
+        segments = info.key.split("/")
+        if len(segments) != 4 or segments[2] != "parts" or segments[1] == current_run_id:
+            continue
+        if segments[1] in live_runs:
+            continue
+        mtime = info.mtime or now  # unknown age: treat as fresh, never adopt a live run
+        run_id = segments[1]
+        newest[run_id] = max(mtime, newest.get(run_id, mtime))
+    due = sorted(r for r, t in newest.items() if now - t >= older_than)
+    waiting = tuple(sorted(r for r in newest if r not in due))
+
+    merged: dict[str, list[str]] = {}
+    failed: list[tuple[str, str]] = []
+    for run_id in due:
+        try:
+            parts = _run_parts(dest, run_id)
+            _merge_run_parts(dest, run_id, parts)
+        except PulseError as exc:  # a corrupt part must not block every other adoption
+            failed.append((run_id, str(exc)))
+            continue
+        merged[run_id] = parts
+    report = reconcile_index(dest) if merged else None
+    for parts in merged.values():  # after the manifests and the reconcile, as in finalize_run
+        for key in parts:
+            dest.delete(key)
+
+    removed: list[str] = []
+    if isinstance(dest, LocalStorage):
+        for temp in list(dest.stale_temp_files(older_than, now=now)):
+            dest.delete(temp.key)
+            removed.append(temp.key)
+    return AdoptReport(
+        adopted_runs=tuple(merged),
+        waiting_runs=waiting,
+        failed_runs=tuple(failed),
+        removed_temp_files=tuple(removed),
+        reconcile=report,
+    )
+
+
+def index_run_ids_without_manifest(dest: Storage) -> set[str]:
+    """Run ids cited by rows in the index folder that have no `_runs/<id>/samples.parquet`.
+
+    Empty after every run is finalised (or adopted); a run still going, or one whose parts are
+    too young to adopt, shows up here until then. Reads only the run_id column of the index.
+    """
+    _, rows = _load_index(dest, ["run_id"])
+    if rows is None:
+        return set()
+    cited = {str(r) for r in pc.unique(rows.column("run_id")).to_pylist()}
+    have = set()
+    for info in dest.list(prefix=f"{RUNS_PREFIX}/", suffixes=("/samples.parquet",)):
+        segments = info.key.split("/")
+        if len(segments) == 3 and segments[2] == "samples.parquet":
+            have.add(segments[1])
+    return cited - have
+
+
+# ---------------------------------------------------------------------------------------------
+# The index part by part: for readers that must not hold the whole index (discovery at scale)
+
+
+def iter_index_parts(storage: Storage, columns: Sequence[str]) -> Iterator[tuple[str, pa.Table]]:
+    """(part key, its `columns`) for each part of dest's index, one part in memory at a time.
+
+    The rule is NOT applied: the caller streams raw rows and applies `index_keep_mask` itself
+    to whatever it cannot decide alone. `pulse_core.pipeline.discover` reads a 4M-row index this
+    way in bounded memory, where `read_index` would hold every row at once.
+    """
+    for key in _index_parts(storage):
+        try:
+            part = _read_parquet(storage, key, columns)
+        except StorageNotFoundError:
+            continue  # deleted by another writer since listing
+        yield key, _conform_columns(part, columns, f"index part {key}")
+
+
+def index_keep_mask(rows: pa.Table) -> pa.Array:
+    """Mask of the rows the index rule keeps (see the module docstring), for streaming readers.
+
+    `rows`: `RULE_COLUMNS`, `_part` (the part key) and `_row` (the row's position in its part).
+    The rule is decided per input, so a caller may apply it to any set of whole inputs.
+    """
+    return _keep_mask(rows)

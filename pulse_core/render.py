@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 
 from pulse_core.imaging import contact_sheet, encode_png
 from pulse_core.restore import RestoreResult
@@ -67,6 +68,32 @@ def write_outputs(
     sheet.save(buf, format="PNG")
     _write_png(dest, sheet_key(input_key), buf.getvalue())
     return keys
+
+
+def written_keys(input_key: str, outputs: Mapping[int, tuple[str, str]]) -> set[str]:
+    """Every key `write_outputs` wrote for `input_key`: its samples, LR checks and sheet."""
+    return {sheet_key(input_key), *(key for pair in outputs.values() for key in pair)}
+
+
+def remove_stale_outputs(dest: Storage, input_key: str, keep: set[str]) -> list[str]:
+    """Delete outputs of earlier runs in the input's folder that `keep` lacks; return their keys.
+
+    An input is the unit of replacement: after a redo with fewer samples, `sample-3.png` of the
+    older run would otherwise stay beside the new `sample-0.png`, looking like part of it. Call
+    it after the new outputs are written, so a failed redo never leaves the folder empty.
+    Only direct children of the folder whose names `write_outputs` could have made
+    (`OUTPUT_NAME`) are candidates: with dest == source the folder may also hold inputs, and
+    other inputs' output folders (`photo/` holding `photo/x/` for `photo/x.png`).
+    """
+    folder = output_base(input_key) + "/"
+    stale: list[str] = []
+    for info in dest.list(prefix=folder, suffixes=(".png",)):
+        name = info.key[len(folder) :]
+        if "/" not in name and OUTPUT_NAME.match(name) and info.key not in keep:
+            stale.append(info.key)
+    for key in stale:
+        dest.delete(key)
+    return stale
 
 
 def _write_png(dest: Storage, key: str, data: bytes) -> None:

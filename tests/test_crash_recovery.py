@@ -139,6 +139,6 @@ def test_a_failed_run_is_adopted_once(tmp_path):
 
     from pulse_core.lease import adopt_crashed_runs
 
-    adopted, problems = adopt_crashed_runs(dest, "next-run")
-    assert [x.run_id for x in adopted] == ["failed-run"] and problems == []
+    adoption = adopt_crashed_runs(dest, "next-run")
+    assert [x.run_id for x in adoption.leases] == ["failed-run"] and adoption.problems == []
     assert runs_to_adopt(dest, "run-after") == []

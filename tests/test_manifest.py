@@ -275,14 +275,16 @@ def test_first_run_is_indexed_as_written(dest: LocalStorage) -> None:
     assert raw_dataset(dest).num_rows == 4
 
 
-def test_rerun_supersedes_older_rows_in_the_raw_folder(dest: LocalStorage) -> None:
+def test_rerun_replaces_every_row_of_the_input_in_the_raw_folder(dest: LocalStorage) -> None:
+    # The input is the unit of replacement: a redo with fewer samples leaves none of the older
+    # run's rows for that input, even for sample indices the redo did not write.
     first = [sample_row("a.png", k) for k in range(2)] + [sample_row("b.png", 0)]
     append_to_index(dest, samples_table(first), "run-1")
     redo = [sample_row("a.png", 1, run_id="run-2", created_at=T0 + timedelta(hours=1))]
     report = append_to_index(dest, samples_table(redo), "run-2")
-    assert report is not None and report.removed_rows == 1
+    assert report is not None and report.removed_rows == 2
     assert report.rewritten_parts == (part_key("run-1"),)
-    expected = [("a.png", 0, "run-1"), ("a.png", 1, "run-2"), ("b.png", 0, "run-1")]
+    expected = [("a.png", 1, "run-2"), ("b.png", 0, "run-1")]
     assert index_keys(read_index(dest)) == expected
     assert index_keys(raw_dataset(dest)) == expected
 
@@ -296,11 +298,68 @@ def test_a_part_left_empty_by_a_rerun_is_deleted(dest: LocalStorage) -> None:
     assert index_keys(raw_dataset(dest)) == [("a.png", 0, "run-2")]
 
 
-def test_a_failed_rerun_row_replaces_the_earlier_one(dest: LocalStorage) -> None:
+def test_a_failed_rerun_never_displaces_an_earlier_success(dest: LocalStorage) -> None:
     append_to_index(dest, samples_table([sample_row("a.png", 0)]), "run-1")
     later = failed_row("a.png", run_id="run-2", created_at=T0 + timedelta(1))
     append_to_index(dest, samples_table([later]), "run-2")
-    assert read_index(dest).column("status").to_pylist() == ["failed"]
+    assert index_keys(read_index(dest)) == [("a.png", 0, "run-1")]
+    assert index_keys(raw_dataset(dest)) == [("a.png", 0, "run-1")]
+    assert read_index(dest).column("status").to_pylist() == ["ok"]
+
+
+def test_a_newer_failure_replaces_an_older_failure(dest: LocalStorage) -> None:
+    first = failed_row("a.png", created_at=T0, error="first")
+    append_to_index(dest, samples_table([first]), "run-1")
+    later = failed_row("a.png", run_id="run-2", created_at=T0 + timedelta(1), error="second")
+    append_to_index(dest, samples_table([later]), "run-2")
+    assert read_index(dest).column("error").to_pylist() == ["second"]
+    assert raw_dataset(dest).num_rows == 1
+
+
+def test_a_success_after_failures_replaces_them(dest: LocalStorage) -> None:
+    failed = [failed_row("a.png", sample_index=k, created_at=T0) for k in range(3)]
+    append_to_index(dest, samples_table(failed), "run-1")
+    ok = [sample_row("a.png", 0, run_id="run-2", created_at=T0 + timedelta(1))]
+    append_to_index(dest, samples_table(ok), "run-2")
+    assert index_keys(raw_dataset(dest)) == [("a.png", 0, "run-2")]
+
+
+def test_a_newer_success_replaces_an_older_success_with_more_samples(
+    dest: LocalStorage,
+) -> None:
+    # Unselected restarts (sample_index >= samples) and selected samples of the older run alike.
+    older = [sample_row("a.png", k, selected=k < 3) for k in range(5)]
+    append_to_index(dest, samples_table(older), "run-1")
+    newer = [
+        sample_row("a.png", k, run_id="run-2", created_at=T0 + timedelta(1), selected=k < 1)
+        for k in range(2)
+    ]
+    append_to_index(dest, samples_table(newer), "run-2")
+    assert index_keys(raw_dataset(dest)) == [("a.png", 0, "run-2"), ("a.png", 1, "run-2")]
+
+
+def test_read_index_with_columns_returns_only_those(dest: LocalStorage) -> None:
+    append_to_index(dest, samples_table([sample_row("a.png", k) for k in range(2)]), "run-1")
+    redo = samples_table([sample_row("a.png", 0, run_id="run-2", created_at=T0 + timedelta(1))])
+    append_to_index(dest, redo, "run-2", reconcile=False)
+    table = read_index(dest, columns=["output_key", "input_key"])
+    assert table.column_names == ["output_key", "input_key"]
+    assert table.to_pylist() == [{"output_key": "a/sample-0.png", "input_key": "a.png"}]
+    assert table.schema.field("input_key").nullable is False
+    empty = read_index(LocalStorage(dest.root / "nothing"), columns=["run_id"])
+    assert empty.num_rows == 0 and empty.column_names == ["run_id"]
+
+
+def test_read_index_refuses_an_unknown_column(dest: LocalStorage) -> None:
+    with pytest.raises(ManifestError, match="no column"):
+        read_index(dest, columns=["final_L2"])
+
+
+def test_read_index_columns_fill_in_columns_older_parts_lack(dest: LocalStorage) -> None:
+    v1 = samples_table([sample_row("a.png", 0)]).drop_columns(["attempt", "selected"])
+    write_parquet(dest, part_key("old"), v1)
+    table = read_index(dest, columns=["input_key", "selected", "attempt"])
+    assert table.to_pylist() == [{"input_key": "a.png", "selected": True, "attempt": 0}]
 
 
 def test_retrying_the_same_part_replaces_it(dest: LocalStorage) -> None:
