@@ -4,27 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from pulse_core.pipeline import BatchOutcome, RunSummary
+from pulse_core.pipeline import InputOutcome, RunSummary
 
 FAILURES_SHOWN = 200
 
 
-def results_table(outcomes: list[BatchOutcome]) -> list[dict[str, Any]]:
-    rows = []
-    for o in outcomes:
-        for i in o.inputs:
-            rows.append(
-                {
-                    "input": i.input_key,
-                    "status": i.status,
-                    "samples": i.sample_count,
-                    "converged": i.converged_count,
-                    "best L2": None if i.best_mse is None else float(f"{i.best_mse:.3g}"),
-                    "outputs": ", ".join(i.output_keys),
-                    "error": i.error or "",
-                }
-            )
-    return rows
+def results_table(inputs: list[InputOutcome]) -> list[dict[str, Any]]:
+    """One row per input the run kept detail for (the run manifest has every row)."""
+    return [
+        {
+            "input": i.input_key,
+            "status": i.status,
+            "samples": i.sample_count,
+            "converged": i.converged_count,
+            "best L2": None if i.best_mse is None else float(f"{i.best_mse:.3g}"),
+            "outputs": ", ".join(i.output_keys),
+            "error": i.error or "",
+        }
+        for i in inputs
+    ]
 
 
 def report_markdown(s: RunSummary) -> str:

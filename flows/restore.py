@@ -8,13 +8,17 @@ on one box, or Dask GPU workers) can be chosen per run.
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
+import sys
 import time
 from datetime import UTC, datetime
 
 import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
@@ -24,7 +28,15 @@ from flows.report import report_markdown, results_table
 from pulse_core.errors import PulseError
 from pulse_core.lease import RunLease
 from pulse_core.manifest import finalize_run
-from pulse_core.pipeline import BatchOutcome, Discovery, RunSummary, summarise
+from pulse_core.pipeline import (
+    BatchOutcome,
+    Discovery,
+    RunSummary,
+    RunTally,
+    read_plan,
+    summarise,
+    write_plan,
+)
 from pulse_core.settings import PipelineOptions, RestoreSettings
 from pulse_core.storage import Storage, StorageConfig, open_storage
 from tasks.discover import discover_inputs
@@ -43,33 +55,86 @@ def _run_name() -> str:
     return f"restore {short} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
+# Batches submitted but not finished, per worker slot: enough that a worker never waits for the
+# flow to hand it the next batch, few enough that an archive is not queued whole (1M inputs in
+# batches of 8 were 125k task runs created and held at once; now 4 per slot, e.g. 64 for 16 GPUs).
+IN_FLIGHT_PER_WORKER = 4
+MIN_IN_FLIGHT = 2
+
+
 @flow(name="restore-batches", flow_run_name="restore-batches-{run_id}")
 def restore_batches(
-    batches: list[list[str]],
+    plan_key: str,
     source: Storage,
     dest: Storage,
     settings: RestoreSettings,
     run_id: str,
+    inputs_per_task: int,
     collisions: dict[str, str],
     gpu_resource: bool,
     progress_id: str | None,
-) -> list[BatchOutcome]:
-    """Fan out one task per batch; update the progress artifact as batches finish."""
+    max_in_flight: int | None = None,
+) -> RunTally:
+    """Fan out one task per batch of the plan, at most `max_in_flight` at a time.
+
+    The plan (the pending keys) is read from dest, not passed as a parameter: Prefect stores a
+    flow's parameters in its API, and a million keys are ~40 MB of JSON. The next batch is
+    submitted as each one finishes, so task runs, futures and their results stay bounded however
+    large the archive; outcomes are folded into a bounded `RunTally` as they arrive.
+    max_in_flight None: IN_FLIGHT_PER_WORKER per worker slot of the task runner (its threads, or
+    the Dask workers' threads), at least MIN_IN_FLIGHT. A batch that fails for good fails the
+    flow; batches already submitted still finish, later ones never start.
+    """
+    pending = read_plan(dest, plan_key)
+    total = -(-len(pending) // inputs_per_task)
+    bound = max(MIN_IN_FLIGHT, max_in_flight or _in_flight_bound())
     annotations = {"resources": {"GPU": 1}} if gpu_resource else {}
-    with dask.annotate(**annotations):
-        futures = [
-            restore_batch.submit(keys, source, dest, settings, run_id, f"{n:05d}", collisions)
-            for n, keys in enumerate(batches)
-        ]
-    outcomes: list[BatchOutcome] = []
+    finished: queue.SimpleQueue[PrefectFuture[BatchOutcome]] = queue.SimpleQueue()
+    todo = enumerate(pending.batches(inputs_per_task))
+    in_flight = 0
+
+    def submit_next() -> bool:
+        nonlocal in_flight
+        item = next(todo, None)
+        if item is None:
+            return False
+        n, keys = item
+        with dask.annotate(**annotations):
+            future = restore_batch.submit(
+                keys, source, dest, settings, run_id, f"{n:05d}", collisions
+            )
+        in_flight += 1
+        future.add_done_callback(finished.put)
+        return True
+
+    while in_flight < bound and submit_next():
+        pass
+    tally = RunTally()
     logger = get_run_logger()
-    for future in as_completed(futures):
-        outcomes.append(future.result())
-        done = len(outcomes)
+    logger.info("%d batches, at most %d in flight", total, bound)
+    while in_flight:
+        future = finished.get()
+        in_flight -= 1
+        tally.add(future.result())
+        submit_next()
         if progress_id:
-            update_progress_artifact(progress_id, progress=100.0 * done / len(futures))
-        logger.info("%d/%d batches done", done, len(futures))
-    return sorted(outcomes, key=lambda o: o.batch_id)
+            update_progress_artifact(progress_id, progress=100.0 * tally.batches / total)
+        logger.info("%d/%d batches done", tally.batches, total)
+    return tally
+
+
+def _in_flight_bound() -> int:
+    """IN_FLIGHT_PER_WORKER x the worker slots of the running flow's task runner."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    slots = os.cpu_count() or 1  # a runner that does not say (threads without max_workers)
+    if isinstance(runner, ThreadPoolTaskRunner):
+        threads = getattr(runner, "_max_workers", sys.maxsize)  # Prefect keeps it private
+        slots = threads if threads < sys.maxsize else slots
+    elif isinstance(runner, DaskTaskRunner):
+        with contextlib.suppress(Exception):  # no cluster info: keep the CPU count
+            slots = sum(runner.client.nthreads().values()) or slots
+    return IN_FLIGHT_PER_WORKER * slots
 
 
 @flow(name="restore-archive", flow_run_name=_run_name, log_prints=True)
@@ -96,12 +161,12 @@ def restore_archive(
     found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
     with RunLease(dst, run_id):  # heartbeats; a later run adopts what a crash leaves
         adopt_crashed(dst, run_id)
-        outcomes, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
-        files = finalize_manifests(dst, run_id) if outcomes else None
+        tally, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
+        files = finalize_manifests(dst, run_id) if tally.batches else None
         summary = summarise(
-            run_id, src.url, dst.url, settings, found.total, found.done, outcomes, seconds, files
+            run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
         )
-        publish_artifacts(results_table(outcomes), report_markdown(summary), run_key)
+        publish_artifacts(results_table(tally.inputs), report_markdown(summary), run_key)
     logger.info(
         "%d ok, %d failed, %d skipped; manifests: %s",
         summary.ok,
@@ -126,26 +191,26 @@ def _fan_out(
     options: PipelineOptions,
     run_id: str,
     run_key: str,
-) -> tuple[list[BatchOutcome], float]:
+) -> tuple[RunTally, float]:
     """Run every batch; if the fan-out fails, merge what finished before re-raising."""
     logger = get_run_logger()
-    size = options.inputs_per_task
-    batches = [found.pending[i : i + size] for i in range(0, len(found.pending), size)]
     progress_id = str(
         create_progress_artifact(0.0, key=f"{run_key}-progress", description="Batches done (%)")
     )
     started = time.perf_counter()
-    if not batches:
+    if not len(found.pending):
         update_progress_artifact(progress_id, progress=100.0)
         logger.info("nothing to do: every input in %s is already restored in %s", src.url, dst.url)
-        return [], time.perf_counter() - started
+        return RunTally(), time.perf_counter() - started
+    plan_key = write_plan(dst, run_id, found.pending)
     try:
-        outcomes = restore_batches.with_options(task_runner=_task_runner(options))(
-            batches,
+        tally = restore_batches.with_options(task_runner=_task_runner(options))(
+            plan_key,
             src,
             dst,
             settings,
             run_id,
+            options.inputs_per_task,
             found.collisions,
             options.gpu_resource and options.task_runner == "dask",
             progress_id,
@@ -155,7 +220,8 @@ def _fan_out(
         with contextlib.suppress(PulseError):
             finalize_run(dst, run_id)
         raise
-    return outcomes, time.perf_counter() - started
+    dst.delete(plan_key)  # done with; a crashed run's plan stays beside its parts
+    return tally, time.perf_counter() - started
 
 
 def _task_runner(options: PipelineOptions) -> ThreadPoolTaskRunner | DaskTaskRunner:

@@ -30,6 +30,7 @@ from pulse_core.pipeline import (
     IMAGE_SUFFIXES,
     BatchOutcome,
     RunSummary,
+    RunTally,
     finalize_run,
     find_collisions,
     process_batch,
@@ -123,7 +124,7 @@ def run_upsample(args: argparse.Namespace) -> int:
         )
         files = finalize_run(dest, run_id)
     summary = summarise(
-        run_id, str(root), str(out), settings, len(keys), 0, outcomes, seconds, files
+        run_id, str(root), str(out), settings, len(keys), 0, RunTally.of(outcomes), seconds, files
     )
     text = json.dumps(summary.to_dict(), indent=2, default=str)
     dest.write_bytes(SUMMARY_NAME, text.encode(), content_type="application/json")

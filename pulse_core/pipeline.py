@@ -12,14 +12,18 @@ parts are written under derived keys and a retry overwrites rather than duplicat
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pulse_core.devices import pick_device
@@ -35,14 +39,24 @@ from pulse_core.manifest import (
     RunFiles,
     failed_rows,
     finalize_run,
+    index_keep_mask,
+    iter_index_parts,
     loss_rows,
     losses_table,
-    read_index,
+    read_manifest,
     sample_rows,
     samples_table,
     write_batch_manifests,
+    write_parquet,
 )
-from pulse_core.render import OUTPUT_NAME, output_base, sample_keys, write_outputs
+from pulse_core.render import (
+    OUTPUT_NAME,
+    output_base,
+    remove_stale_outputs,
+    sample_keys,
+    write_outputs,
+    written_keys,
+)
 from pulse_core.restore import RestoreResult, restore_many
 from pulse_core.settings import RestoreSettings
 from pulse_core.storage import Storage, is_transient
@@ -56,16 +70,108 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, steps, converg
 
 # ----------------------------------------------------------------------------
 # Discover
+#
+# Sized for archives of millions of inputs (issue 9, "Scale"): nothing here holds a Python object
+# per input or per index row. Listings are streamed into Arrow string arrays, the index is read
+# part by part with only the columns discovery needs and reduced at once to small numpy arrays,
+# and dest's PNGs are matched against the inputs' output folders in vectorised blocks. Measured
+# (docs/benchmarks.md, "Discovery at archive scale"; 2 cores): a 1,000,000-key listing against a
+# 4,000,000-row index and 8.9M PNGs in dest takes 24 s and 0.73 GiB peak RSS, 0.44 GiB above the
+# process before it (torch imported). The earlier algorithm (a list of every key, the whole index
+# as Python dicts, a set of every PNG in dest) took 56 s and 9.9 GiB for the same answer; its
+# index step alone (`read_index`, every column) 22 s and 7.0 GiB, with 4 columns 7 s, 2.8 GiB.
+
+LIST_CHUNK = 65_536  # listed keys turned into one Arrow array at a time (~5 MB of str objects)
+MATCH_ROWS = 1_000_000  # keys matched against the listing at once: each match builds one hash
+# table of the listing (0.3 s for 1M keys), so blocks of 1M rows keep a 4M-row index at 4 builds
+# while a block (its keys, flags and that hash table) stays near 150 MB
+INDEX_COLUMNS = ("input_key", "sample_index", "status", "output_key", "created_at", "run_id")
+# dest's HR sample PNGs: `<output folder>/sample-<k>.png`, k written without leading zeros
+_SAMPLE_PNG = r"(?s)^(?P<base>.*)/sample-(?P<k>0|[1-9][0-9]{0,8})\.png$"
+
+
+class KeyList(Sequence[str]):
+    """Keys held in one Arrow string array instead of a list of `str`.
+
+    A million 39-character keys take 45 MB here against 92 MB as a list of str (measured), in
+    one buffer the garbage collector never walks. Indexing gives a `str` and slicing a
+    `list[str]`, so code written for a list keeps working: `pending[i : i + size]` is a batch.
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray | Iterable[str] = ()) -> None:
+        if isinstance(keys, pa.ChunkedArray):
+            keys = pa.concat_arrays(keys.chunks) if keys.num_chunks else pa.array([], keys.type)
+        if not isinstance(keys, pa.Array):
+            keys = pa.array(list(keys), pa.large_string())
+        self._keys: pa.Array = keys.cast(pa.large_string())
+
+    @property
+    def arrow(self) -> pa.Array:
+        """The keys as one Arrow `large_string` array (no copy)."""
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            picked = range(len(self._keys))[index]
+            if picked.step == 1:
+                return self._keys.slice(picked.start, len(picked)).to_pylist()
+            return self._keys.take(pa.array(picked, pa.int64())).to_pylist()
+        if not -len(self._keys) <= index < len(self._keys):
+            raise IndexError(f"key index {index} out of range ({len(self._keys)} keys)")
+        return self._keys[index].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for batch in self.batches(LIST_CHUNK):
+            yield from batch
+
+    def batches(self, size: int) -> Iterator[list[str]]:
+        """Consecutive lists of `size` keys (the last may be shorter): a plan's batches."""
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        for start in range(0, len(self._keys), size):
+            yield self._keys.slice(start, size).to_pylist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyList):
+            return self._keys.equals(other._keys)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking like a list: not hashable
+
+    def __reduce__(self) -> tuple[type[KeyList], tuple[pa.Array]]:
+        return KeyList, (self._keys,)
+
+    def __repr__(self) -> str:
+        head = self._keys.slice(0, 3).to_pylist()
+        more = ", ..." if len(self._keys) > 3 else ""
+        return f"KeyList({len(self._keys)} keys: {str(head)[1:-1]}{more})"
 
 
 @dataclass
 class Discovery:
     """What `discover` found: the pending input keys and what was skipped and why."""
 
-    pending: list[str]
+    pending: KeyList  # sorted; `pending[i : i + n]` and `pending.batches(n)` give lists of str
     total: int  # images found in source
     done: int  # skipped: outputs and manifest rows already in dest
     collisions: dict[str, str] = field(default_factory=dict)  # input key -> key it collides with
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pending, KeyList):
+            self.pending = KeyList(self.pending)
 
 
 def discover(
@@ -78,32 +184,35 @@ def discover(
 ) -> Discovery:
     """List images in source; skip those whose samples are all in dest's index and storage.
 
-    An input counts as done when its index rows for samples 0..samples-1 are all "ok" and their
-    PNGs exist. Failed or partial inputs are pending again, so a re-run resumes.
+    An input counts as done when dest's index (as `read_index` resolves it) holds "ok" rows for
+    its samples 0..samples-1 and their PNGs exist. Failed or partial inputs are pending again,
+    so a re-run resumes. `limit` keeps the first `limit` pending keys (list slicing semantics).
+
+    Memory grows with the archive only through compact arrays: about 100 bytes per listed key
+    (the key, its output folder, codes) and 26 per index row of a listed input, never a Python
+    object per key or row (see the section comment for the measured numbers). Time is
+    dominated by the two listings (source's keys, dest's PNGs).
     """
-    keys = _inputs_only(sorted(o.key for o in source.list(suffixes=IMAGE_SUFFIXES)), source, dest)
-    collisions = find_collisions(keys)
-    done: set[str] = set()
-    if not force:
-        index = read_index(dest)
-        if index.num_rows:
-            existing = {o.key for o in dest.list(suffixes=(".png",))}
-            ok: dict[str, set[int]] = {}
-            for row in index.select(
-                ["input_key", "sample_index", "status", "output_key"]
-            ).to_pylist():
-                if row["status"] == "ok" and row["output_key"] in existing:
-                    ok.setdefault(row["input_key"], set()).add(row["sample_index"])
-            done = {k for k, idx in ok.items() if set(range(samples)) <= idx}
-    pending = [k for k in keys if k not in done]
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    keys = listed_inputs(source, dest)
+    bases = pc.dictionary_encode(_output_bases(keys))
+    base_codes = bases.indices.to_numpy(zero_copy_only=False)
+    collisions = _collisions(keys, base_codes)
+    if force:
+        done = np.zeros(len(keys), dtype=bool)
+    else:
+        done = _done_inputs(dest, keys, base_codes, bases.dictionary, samples)
+    pending = keys.filter(pa.array(~done)) if done.any() else keys
     if limit is not None:
-        pending = pending[:limit]
+        picked = range(len(pending))[:limit]
+        pending = pending.slice(picked.start, len(picked))
     return Discovery(
-        pending=pending, total=len(keys), done=len(done & set(keys)), collisions=collisions
+        pending=KeyList(pending), total=len(keys), done=int(done.sum()), collisions=collisions
     )
 
 
-def find_collisions(keys: list[str]) -> dict[str, str]:
+def find_collisions(keys: Sequence[str]) -> dict[str, str]:
     """Inputs whose output folder another input already maps to (`a.png` and `a.jpg`)."""
     collisions: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -116,27 +225,392 @@ def find_collisions(keys: list[str]) -> dict[str, str]:
     return collisions
 
 
-def _inputs_only(keys: list[str], source: Storage, dest: Storage) -> list[str]:
-    """`keys` without dest's own outputs and manifests, when dest lies inside source.
+def listed_inputs(source: Storage, dest: Storage) -> pa.Array:
+    """Source's image keys, sorted, without dest's own outputs and manifests (one Arrow array).
 
     dest == source: manifests (`_runs/`, `_manifest/`) and the PNGs written in an input's output
     folder (`<stem>/sample-<k>.png`, `-lr.png`, `sheet.png` next to `<stem>.<ext>`) are not
     inputs. dest below source (`source/restored`): nothing under dest is an input. Without this,
     every re-run would take the previous run's outputs for new inputs.
+
+    The listing is streamed: only kept keys are held, as Arrow arrays (the 9 PNGs a restored
+    input leaves in a dest == source archive are dropped as they pass, see `_OutputFolders`). A
+    storage that lists out of key order (S3 directory buckets do) is sorted afterwards and its
+    outputs dropped by the same rule, vectorised.
     """
     src, dst = source.url.rstrip("/"), dest.url.rstrip("/")
-    if dst.startswith(src + "/"):
-        inside = dst[len(src) + 1 :] + "/"
-        return [k for k in keys if not k.startswith(inside)]
-    if dst != src:
-        return keys
-    keys = [k for k in keys if not k.startswith(RESERVED_PREFIXES)]
-    bases = {output_base(k) for k in keys if not OUTPUT_NAME.match(k.rpartition("/")[2])}
-    return [
-        k
-        for k in keys
-        if not (OUTPUT_NAME.match(k.rpartition("/")[2]) and k.rpartition("/")[0] in bases)
-    ]
+    inside = dst[len(src) + 1 :] + "/" if dst.startswith(src + "/") else None
+    same = dst == src
+    outputs = _OutputFolders()
+    chunks: list[pa.Array] = []
+    buffer: list[str] = []
+    previous, ordered = "", True
+    for info in source.list(suffixes=IMAGE_SUFFIXES):
+        key = info.key
+        ordered = ordered and key >= previous
+        previous = key
+        if inside is not None and key.startswith(inside):
+            continue
+        if same and (key.startswith(RESERVED_PREFIXES) or outputs.holds(key)):
+            continue
+        buffer.append(key)
+        if len(buffer) == LIST_CHUNK:
+            chunks.append(pa.array(buffer, pa.large_string()))
+            buffer = []
+    if buffer:
+        chunks.append(pa.array(buffer, pa.large_string()))
+    keys = pa.concat_arrays(chunks) if chunks else pa.array([], pa.large_string())
+    if not ordered:
+        keys = keys.take(pc.sort_indices(keys))
+        if same:
+            keys = keys.filter(pc.invert(_in_output_folders(keys)))
+    return keys
+
+
+class _OutputFolders:
+    """The output folders a sorted listing is inside of, to drop their PNGs as they pass.
+
+    In key order an input `<stem>.<ext>` (or `<stem>`) comes before every key of its output
+    folder `<stem>/` ('.' sorts before '/'), and the folder's keys all sort before `<stem>0`
+    ('0' follows '/'). So a folder is opened by its input and closed when the listing reaches
+    `<stem>0`: only folders the listing is still inside of are held (a few, not one per input),
+    and a key in an open folder named like an output is exactly what the rule drops.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[str] = set()
+        self._ends: list[tuple[str, str]] = []  # heap of (first key past the folder, folder)
+        self._root = False  # an input `.png` (stem "") makes top-level output names outputs
+
+    def holds(self, key: str) -> bool:
+        """True when `key` is an output in the folder of an input listed before it."""
+        while self._ends and self._ends[0][0] <= key:
+            self._open.discard(heapq.heappop(self._ends)[1])
+        folder, _, name = key.rpartition("/")
+        if OUTPUT_NAME.match(name):
+            return self._root if folder == "" else folder in self._open
+        base = output_base(key)
+        if base == "":
+            self._root = True
+        elif base not in self._open:
+            self._open.add(base)
+            heapq.heappush(self._ends, (base + "0", base))
+        return False
+
+
+def _output_bases(keys: pa.Array) -> pa.Array:
+    """`output_base` of every key, vectorised: the last `.<ext>` of the file name removed."""
+    return pc.replace_substring_regex(keys, r"\.[^./]*$", "")
+
+
+def _in_output_folders(keys: pa.Array) -> pa.Array:
+    """Mask of keys named like an output inside another key's output folder (vectorised rule)."""
+    names = pc.replace_substring_regex(keys, r"(?s)^.*/", "")
+    is_output = pc.match_substring_regex(names, OUTPUT_NAME.pattern)
+    folders = pc.if_else(
+        pc.match_substring(keys, "/"), pc.replace_substring_regex(keys, r"/[^/]*$", ""), ""
+    )
+    bases = pc.unique(_output_bases(keys.filter(pc.invert(is_output))))
+    return pc.and_(is_output, pc.is_in(folders, value_set=bases))
+
+
+def _collisions(keys: pa.Array, base_codes: np.ndarray) -> dict[str, str]:
+    """`find_collisions` on sorted keys, vectorised: only colliding keys become Python strings.
+
+    `base_codes` come from `dictionary_encode`, which numbers bases in order of first
+    appearance, so a key is the first of its base exactly when its code exceeds every earlier one.
+    """
+    if len(base_codes) == 0:
+        return {}
+    earlier_max = np.maximum.accumulate(np.concatenate(([-1], base_codes[:-1])))
+    first = base_codes > earlier_max
+    if first.all():
+        return {}
+    first_of_code = np.flatnonzero(first)
+    later = np.flatnonzero(~first)
+    colliding = keys.take(pa.array(later)).to_pylist()
+    firsts = keys.take(pa.array(first_of_code[base_codes[later]])).to_pylist()
+    return dict(zip(colliding, firsts, strict=True))
+
+
+@dataclass
+class _IndexRows:
+    """Dest's index reduced to what discovery needs: 26 bytes a row, in numpy arrays.
+
+    Rows of inputs not in the listing are dropped while reading. `good`: status "ok", sample in
+    range and output key the derived `<output folder>/sample-<k>.png` (its existence is checked
+    against dest's listing). An "ok" row with any other output key (none today) is kept in
+    `odd_keys` and checked on its own.
+    """
+
+    pos: np.ndarray  # int32: the input's position in the listing
+    sample: np.ndarray  # int32: sample_index
+    ok: np.ndarray  # bool: status == "ok"
+    good: np.ndarray  # bool
+    created: np.ndarray  # int64: created_at, us since the epoch
+    run: np.ndarray  # int32: code into `runs`
+    part: np.ndarray  # int32: ordinal into `parts` (sorted part keys)
+    row: np.ndarray  # int32: position in its part
+    runs: list[str]
+    parts: list[str]
+    odd_keys: dict[int, str]  # row number (into these arrays) -> output key, "ok" but not derived
+
+
+def _done_inputs(
+    dest: Storage, keys: pa.Array, base_codes: np.ndarray, bases: pa.Array, samples: int
+) -> np.ndarray:
+    """Mask of listed inputs that dest holds complete: index rows "ok" and PNGs listed."""
+    done = np.zeros(len(keys), dtype=bool)
+    rows = _read_index_rows(dest, keys, samples)
+    if rows is None:
+        return done
+    current = _current_rows(rows, len(keys), keys, samples)
+    good = np.flatnonzero(current & rows.good)
+    odd = [i for i in rows.odd_keys if current[i]]
+    if not len(good) and not odd:
+        return done
+    complete = np.zeros(len(rows.pos), dtype=bool)
+    if len(good):
+        listed = _listed_samples(dest, bases, samples)
+        complete[good] = listed[base_codes[rows.pos[good]], rows.sample[good]]
+    for i in odd:
+        complete[i] = dest.exists(rows.odd_keys[i])
+    counts = np.bincount(rows.pos[complete], minlength=len(keys))
+    return counts >= samples  # one current row per (input, sample < samples): == samples
+
+
+def _read_index_rows(dest: Storage, keys: pa.Array, samples: int) -> _IndexRows | None:
+    """Stream the index's parts (`INDEX_COLUMNS` only) into `_IndexRows`; None: no rows.
+
+    Each part is reduced to flags and numbers as it is read (its output keys and statuses are
+    dropped there), then parts are gathered into blocks of about `MATCH_ROWS` rows whose input
+    keys are matched against the listing at once. A block is released before the next one.
+    """
+    runs: dict[str, int] = {}
+    parts: list[str] = []
+    blocks: list[dict[str, np.ndarray]] = []
+    odd_keys: dict[int, str] = {}
+    offset = 0
+    gathered: list[pa.Table] = []
+    gathered_rows = 0
+
+    def reduce_block() -> None:
+        nonlocal offset, gathered, gathered_rows
+        block = _reduce_block(pa.concat_tables(gathered), keys)
+        gathered, gathered_rows = [], 0
+        for i, key in block.pop("odd_keys").items():
+            odd_keys[offset + i] = key
+        blocks.append(block)
+        offset += len(block["pos"])
+        pa.default_memory_pool().release_unused()  # give the block's strings back now
+
+    for ordinal, (key, table) in enumerate(iter_index_parts(dest, INDEX_COLUMNS)):
+        parts.append(key)
+        if table.num_rows == 0:
+            continue
+        gathered.append(_compact_part(table, ordinal, runs, samples))
+        gathered_rows += table.num_rows
+        if gathered_rows >= MATCH_ROWS:
+            reduce_block()
+    if gathered:
+        reduce_block()
+    if offset == 0:
+        return None
+    columns = {}
+    for name in list(blocks[0]):  # one column at a time: the peak is the rows plus one column
+        columns[name] = np.concatenate([b.pop(name) for b in blocks])
+    return _IndexRows(**columns, runs=list(runs), parts=parts, odd_keys=odd_keys)
+
+
+def _compact_part(table: pa.Table, ordinal: int, runs: dict[str, int], samples: int) -> pa.Table:
+    """One part as its input keys plus flags and numbers (run ids coded through `runs`)."""
+    text = pa.large_string()
+    input_key = table.column("input_key").combine_chunks().cast(text)
+    sample = table.column("sample_index").combine_chunks()
+    ok = pc.equal(table.column("status").combine_chunks(), "ok")
+    in_range = pc.and_(pc.greater_equal(sample, 0), pc.less(sample, samples))
+    derived = pc.binary_join_element_wise(
+        _output_bases(input_key),
+        pa.scalar("/sample-", text),
+        pc.cast(sample, text),
+        pa.scalar(".png", text),
+        pa.scalar("", text),  # the separator
+    )
+    output = table.column("output_key").combine_chunks().cast(text)
+    same = pc.fill_null(pc.equal(output, derived), False)
+    claimed = pc.and_(ok, in_range)
+    odd = pc.and_(pc.and_(claimed, pc.is_valid(output)), pc.invert(same))
+    run_ids = pc.dictionary_encode(table.column("run_id").combine_chunks())
+    codes = np.array(
+        [runs.setdefault(r, len(runs)) for r in run_ids.dictionary.to_pylist()], dtype=np.int32
+    )
+    n = table.num_rows
+    return pa.table(
+        {
+            "input_key": input_key,
+            "sample_index": sample,
+            "ok": ok,
+            "good": pc.and_(claimed, same),
+            "odd_key": pc.if_else(odd, output, pa.scalar(None, text)),
+            "created": table.column("created_at").combine_chunks().cast(pa.int64()),
+            "run": codes[run_ids.indices.to_numpy(zero_copy_only=False)],
+            "part": np.full(n, ordinal, dtype=np.int32),
+            "row": np.arange(n, dtype=np.int32),
+        }
+    )
+
+
+def _reduce_block(block: pa.Table, keys: pa.Array) -> dict[str, Any]:
+    """A block of compacted parts as numpy columns of `_IndexRows`, listed inputs only."""
+    pos = pc.index_in(block.column("input_key"), value_set=keys)
+    listed = pc.is_valid(pos)
+    block = block.drop_columns(["input_key"]).filter(listed)
+    odd_key = block.column("odd_key")
+    odd_rows = np.flatnonzero(pc.is_valid(odd_key).to_numpy(zero_copy_only=False))
+    odd_keys = dict(
+        zip(odd_rows.tolist(), odd_key.take(pa.array(odd_rows)).to_pylist(), strict=True)
+    )
+
+    def numbers(name: str) -> np.ndarray:
+        return block.column(name).to_numpy()
+
+    return {
+        "pos": pos.filter(listed).to_numpy(zero_copy_only=False).astype(np.int32),
+        "sample": numbers("sample_index").astype(np.int32),
+        "ok": numbers("ok"),
+        "good": numbers("good"),
+        "created": numbers("created"),
+        "run": numbers("run"),
+        "part": numbers("part"),
+        "row": numbers("row"),
+        "odd_keys": odd_keys,
+    }
+
+
+def _current_rows(rows: _IndexRows, n_keys: int, keys: pa.Array, samples: int) -> np.ndarray:
+    """Mask of the rows `read_index` would return for samples 0..samples-1.
+
+    Almost every input has the rows of one writer (run + part) and one row per sample: those
+    rows are current as they are, which integer reductions decide (per input the lowest and
+    highest writer, per (input, sample) a count). The rest (re-runs not yet reconciled,
+    repeats) go through the index's own rule, `index_keep_mask`, a block of whole inputs at a
+    time, so the rule lives in one place and memory stays bounded.
+    """
+    in_range = (rows.sample >= 0) & (rows.sample < samples)
+    run_rank = np.argsort(np.argsort(np.array(rows.runs, dtype=object))).astype(np.int64)
+    writer = run_rank[rows.run] * len(rows.parts) + rows.part
+    lowest = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
+    highest = np.full(n_keys, -1, dtype=np.int64)
+    np.minimum.at(lowest, rows.pos, writer)
+    np.maximum.at(highest, rows.pos, writer)
+    del writer
+    tangled_input = highest > lowest  # inputs without rows: -1 > max is False
+    del lowest, highest
+    ids = rows.pos[in_range].astype(np.int64) * samples + rows.sample[in_range]
+    repeats = np.bincount(ids, minlength=n_keys * samples) > 1
+    del ids
+    tangled_input |= repeats.reshape(n_keys, samples).any(axis=1)
+    del repeats
+    current = in_range & ~tangled_input[rows.pos]
+    if tangled_input.any():
+        tangled = np.flatnonzero(tangled_input[rows.pos])
+        tangled = tangled[np.argsort(rows.pos[tangled], kind="stable")]  # grouped by input
+        current[_rule_keep(rows, keys, tangled)] = True
+        current &= in_range
+    return current
+
+
+def _rule_keep(rows: _IndexRows, keys: pa.Array, tangled: np.ndarray) -> np.ndarray:
+    """Row numbers among `tangled` (rows of whole inputs, grouped by input) the rule keeps."""
+    kept: list[np.ndarray] = []
+    runs = pa.array(rows.runs, pa.string())
+    parts = pa.array(rows.parts, pa.string())
+    start = 0
+    while start < len(tangled):
+        stop = min(start + MATCH_ROWS, len(tangled))
+        while stop < len(tangled) and rows.pos[tangled[stop]] == rows.pos[tangled[stop - 1]]:
+            stop += 1  # never split an input: the rule is decided per input
+        chunk = tangled[start:stop]
+        table = pa.table(
+            {
+                "input_key": keys.take(pa.array(rows.pos[chunk])),
+                "sample_index": pa.array(rows.sample[chunk], pa.int32()),
+                "status": pc.if_else(pa.array(rows.ok[chunk]), "ok", "failed"),
+                "created_at": pa.array(rows.created[chunk]).cast(pa.timestamp("us", tz="UTC")),
+                "run_id": runs.take(pa.array(rows.run[chunk])),
+                "_part": parts.take(pa.array(rows.part[chunk])),
+                "_row": pa.array(rows.row[chunk].astype(np.int64)),
+            }
+        )
+        keep = index_keep_mask(table).to_numpy(zero_copy_only=False)
+        kept.append(chunk[keep])
+        start = stop
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def _listed_samples(dest: Storage, bases: pa.Array, samples: int) -> np.ndarray:
+    """(output folders x samples) mask of the `<folder>/sample-<k>.png` dest lists.
+
+    Streams dest's PNG listing: keys that may be samples are gathered in Arrow blocks, parsed
+    with one regex and matched against the folders `MATCH_ROWS` at a time. Replaces a Python set
+    of every PNG key in dest (9 per restored input with 4 samples: 9M str for 1M inputs).
+    """
+    listed = np.zeros((len(bases), samples), dtype=bool)
+    found_folders: list[pa.Array] = []
+    found_samples: list[np.ndarray] = []
+    found = 0
+
+    def parse(buffer: list[str]) -> None:
+        nonlocal found
+        parsed = pc.extract_regex(pa.array(buffer, pa.large_string()), _SAMPLE_PNG)
+        parsed = parsed.filter(pc.is_valid(parsed))
+        k = pc.cast(pc.struct_field(parsed, "k"), pa.int64()).to_numpy()
+        wanted = k < samples
+        found_folders.append(pc.struct_field(parsed, "base").filter(pa.array(wanted)))
+        found_samples.append(k[wanted])
+        found += int(wanted.sum())
+
+    def match() -> None:
+        nonlocal found
+        codes = pc.index_in(pa.concat_arrays(found_folders), value_set=bases)
+        hit = pc.is_valid(codes).to_numpy(zero_copy_only=False)
+        k = np.concatenate(found_samples)
+        listed[codes.filter(pa.array(hit)).to_numpy(), k[hit]] = True
+        found_folders.clear()
+        found_samples.clear()
+        found = 0
+
+    buffer: list[str] = []
+    for info in dest.list(suffixes=(".png",)):
+        key = info.key
+        if "/sample-" in key and not key.endswith("-lr.png"):  # halves the parsing
+            buffer.append(key)
+            if len(buffer) == LIST_CHUNK:
+                parse(buffer)
+                buffer = []
+                if found >= MATCH_ROWS:
+                    match()
+    if buffer:
+        parse(buffer)
+    if found:
+        match()
+    return listed
+
+
+def write_plan(dest: Storage, run_id: str, pending: Sequence[str]) -> str:
+    """Store a run's pending keys as `_runs/<run id>/plan.parquet`; returns the key.
+
+    The fan-out reads its batches from here rather than from a flow parameter (Prefect keeps
+    parameters in its database: a million keys would be ~40 MB of JSON per run).
+    """
+    keys = pending.arrow if isinstance(pending, KeyList) else pa.array(list(pending), pa.string())
+    key = f"{RUNS_PREFIX}/{run_id}/plan.parquet"
+    write_parquet(dest, key, pa.table({"input_key": keys}))
+    return key
+
+
+def read_plan(dest: Storage, key: str) -> KeyList:
+    return KeyList(read_manifest(dest, key).column("input_key"))
 
 
 # ----------------------------------------------------------------------------
@@ -331,6 +805,7 @@ def process_batch(
         outcomes[f.key] = InputOutcome(f.key, "failed", f.reason, 0, 0, None, [])
     for d, res in restored:
         outputs = write_outputs(dest, d.key, res, generator.model_id)
+        remove_stale_outputs(dest, d.key, keep=written_keys(d.key, outputs))  # older runs' extras
         rows += sample_rows(ctx, d.record(), res.attempts, outputs)
         losses += loss_rows(run_id, d.key, res.attempts)
         outcomes[d.key] = InputOutcome(
@@ -396,12 +871,70 @@ class RunSummary:
     samples_key: str = ""
     losses_key: str = ""
     workers: dict[str, int] = field(default_factory=dict)  # "<host>:<pid>" -> model loads there
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (input key, reason)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input key, reason), capped
     settings: dict[str, Any] = field(default_factory=dict)  # the effective RestoreSettings
-    inputs: list[InputOutcome] = field(default_factory=list)
+    inputs: list[InputOutcome] = field(default_factory=list)  # the first 1,000 (failures kept)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RunTally:
+    """What a run reports, accumulated batch by batch in bounded memory.
+
+    Counts are exact; per-input detail is kept for the first `keep_inputs` inputs (failures
+    first once the cap is reached) and the first `keep_failures` failures: a 1M-input run would
+    otherwise hold a million InputOutcome objects (hundreds of MB) for a report that shows a
+    thousand rows. The run manifest has every row.
+    """
+
+    keep_inputs: int = 1000
+    keep_failures: int = 10_000
+    attempted: int = 0
+    ok: int = 0
+    failed: int = 0
+    converged_input_count: int = 0
+    samples_written: int = 0
+    batches: int = 0
+    generator_id: str = ""
+    generator_checksum: str = ""
+    workers: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    inputs: list[InputOutcome] = field(default_factory=list)
+
+    def add(self, batch: BatchOutcome) -> None:
+        self.batches += 1
+        self.generator_id = self.generator_id or batch.generator_id
+        self.generator_checksum = self.generator_checksum or batch.generator_checksum
+        self.workers[batch.worker] = max(self.workers.get(batch.worker, 0), batch.model_loads)
+        for item in batch.inputs:
+            self.attempted += 1
+            if item.status == "ok":
+                self.ok += 1
+                self.converged_input_count += item.converged_count > 0
+                self.samples_written += len(item.output_keys)
+            else:
+                self.failed += 1
+                if len(self.failures) < self.keep_failures:
+                    self.failures.append((item.input_key, item.error or ""))
+            self._keep(item)
+
+    def _keep(self, item: InputOutcome) -> None:
+        if len(self.inputs) < self.keep_inputs:
+            self.inputs.append(item)
+        elif item.status != "ok":  # a failure displaces the last kept success, if any
+            for i in range(len(self.inputs) - 1, -1, -1):
+                if self.inputs[i].status == "ok":
+                    self.inputs[i] = item
+                    break
+
+    @classmethod
+    def of(cls, batches: Iterable[BatchOutcome]) -> RunTally:
+        tally = cls()
+        for batch in batches:
+            tally.add(batch)
+        return tally
 
 
 def summarise(
@@ -411,36 +944,31 @@ def summarise(
     settings: RestoreSettings,
     found: int,
     skipped: int,
-    outcomes: list[BatchOutcome],
+    tally: RunTally,
     seconds: float,
     files: RunFiles | None = None,
 ) -> RunSummary:
-    inputs = [i for o in outcomes for i in o.inputs]
-    workers: dict[str, int] = {}
-    for o in outcomes:
-        workers[o.worker] = max(workers.get(o.worker, 0), o.model_loads)
-    first = outcomes[0] if outcomes else None
     root = dest.rstrip("/")
     return RunSummary(
         run_id=run_id,
         source=source,
         dest=dest,
-        model=first.generator_id if first else settings.model,
-        model_checksum=first.generator_checksum if first else "",
+        model=tally.generator_id or settings.model,
+        model_checksum=tally.generator_checksum,
         found=found,
         skipped=skipped,
-        attempted=len(inputs),
-        ok=sum(i.status == "ok" for i in inputs),
-        failed=sum(i.status != "ok" for i in inputs),
-        converged_input_count=sum(i.converged_count > 0 for i in inputs),
-        samples_written=sum(len(i.output_keys) for i in inputs),
+        attempted=tally.attempted,
+        ok=tally.ok,
+        failed=tally.failed,
+        converged_input_count=tally.converged_input_count,
+        samples_written=tally.samples_written,
         seconds=seconds,
         samples_key=f"{root}/{files.samples_key}" if files else "",
         losses_key=f"{root}/{files.losses_key}" if files else "",
-        workers=workers,
-        failures=[(i.input_key, i.error or "") for i in inputs if i.status != "ok"],
+        workers=tally.workers,
+        failures=tally.failures,
         settings=asdict(settings.resolved()),
-        inputs=inputs,
+        inputs=tally.inputs,
     )
 
 
@@ -451,15 +979,20 @@ __all__ = [
     "Discovery",
     "FailedInput",
     "InputOutcome",
+    "KeyList",
     "RunFiles",
     "RunSummary",
+    "RunTally",
     "SampleOutcome",
     "decode_inputs",
     "discover",
     "finalize_run",
+    "listed_inputs",
     "output_base",
     "process_batch",
+    "read_plan",
     "restore_decoded",
     "sample_keys",
     "summarise",
+    "write_plan",
 ]

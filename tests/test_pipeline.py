@@ -648,3 +648,19 @@ def test_pulse_upsample_and_the_flow_write_the_same_outputs_and_manifests(
         "losses.parquet",
         "lease.json",  # finished: "completed"
     }
+
+
+def test_the_run_tally_keeps_exact_counts_and_bounded_detail():
+    from pulse_core.pipeline import BatchOutcome, InputOutcome, RunTally
+
+    def batch(n: int, failed: bool) -> BatchOutcome:
+        status, error = ("failed", "bad") if failed else ("ok", None)
+        item = InputOutcome(f"in-{n}.png", status, error, 1, 1, 0.0, ["k"] if not failed else [])
+        return BatchOutcome(f"{n:05d}", [item], 0.1, "host:1", 1, "cpu", "demo", "sha")
+
+    tally = RunTally(keep_inputs=10, keep_failures=3)
+    for n in range(100):
+        tally.add(batch(n, failed=n % 10 == 9))
+    assert (tally.attempted, tally.ok, tally.failed, tally.samples_written) == (100, 90, 10, 90)
+    assert len(tally.inputs) == 10 and len(tally.failures) == 3
+    assert sum(i.status == "failed" for i in tally.inputs) == 10  # failures displace successes
