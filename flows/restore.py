@@ -216,9 +216,11 @@ def _fan_out(
             progress_id,
         )
     except BaseException:
-        # Batches that finished wrote their parts: merge them now (or the next run adopts them).
+        # Batches that finished wrote their parts: merge them now, best effort with no retry
+        # budget (the store may be what failed: waiting minutes again helps nobody); whatever
+        # is left, the next run adopts.
         with contextlib.suppress(PulseError):
-            finalize_run(dst, run_id)
+            finalize_run(dst.with_retry_budget(0), run_id)
         raise
     dst.delete(plan_key)  # done with; a crashed run's plan stays beside its parts
     return tally, time.perf_counter() - started

@@ -102,9 +102,11 @@ class RunLease:
             self._thread.join(timeout=5)
         self.record.finished = "failed" if exc is not None else "completed"
         self.record.message = "" if exc is None else f"{type(exc).__name__}: {exc}"[:500]
-        # Storage down at the very end: the next run sees a stale lease and adopts.
+        # After a failure the store may be what failed: one try, no retry budget. If it does
+        # not land, the next run finds a stale lease and adopts all the same.
+        store = self.dest if exc is None else self.dest.with_retry_budget(0)
         with contextlib.suppress(PulseError):
-            self._write()
+            self._write(store)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._every):
@@ -113,10 +115,11 @@ class RunLease:
             except PulseError:
                 continue
 
-    def _write(self) -> None:
+    def _write(self, store: Storage | None = None) -> None:
         self.record.heartbeat_at = _now().isoformat()
         data = json.dumps(asdict(self.record), indent=1).encode()
-        self.dest.write_bytes(lease_key(self.record.run_id), data, content_type="application/json")
+        key = lease_key(self.record.run_id)
+        (store or self.dest).write_bytes(key, data, content_type="application/json")
 
 
 def read_leases(dest: Storage) -> list[LeaseRecord]:

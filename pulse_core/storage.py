@@ -17,6 +17,22 @@ Design choices, and why:
 - Errors are `StorageError`; those worth retrying (throttling, 5xx, timeouts, dropped
   connections) are `TransientStorageError`, so Prefect tasks can retry exactly those
   (`retry_condition_fn=lambda *_, exc=None: is_transient(exc)` style).
+- Every S3 request (except `check()`) retries transient failures for up to a time budget,
+  `StorageConfig.retry_budget_s` (default 300 s, or `PULSE_STORAGE_RETRY_BUDGET_S` in the
+  environment of the process making the request), with capped exponential backoff and jitter,
+  on top of botocore's own few quick retries. Measured before the budget existed: a 15 s outage
+  of the store was survived, a 75 s one failed the run after ~48 s of retries; an outage is a
+  matter of minutes (a restarted gateway, a failover), so the budget is counted in minutes.
+  Spent, it raises `RetryBudgetExhaustedError` (a `TransientStorageError`) saying what failed,
+  for how long it was retried and which setting raises the budget. Permanent errors (access
+  denied, no such bucket, 4xx) are never retried. `check()` is exempt on purpose: at the start
+  of a run an unreachable endpoint is far more often a typo than an outage, and nothing is lost
+  by failing then.
+- Local roots never reach outside themselves: reads, writes and deletes resolve symbolic links
+  and refuse a path that lands outside the (resolved) root, and only regular files are read
+  (a FIFO would block, a device may have side effects on open). Listings still show such entries,
+  so that the pipeline records them as failed inputs with the reason instead of silently
+  dropping them.
 - Secrets never reach a message or a repr: `StorageConfig.__repr__` masks them and every message
   built here is scrubbed of the configured secret values.
 - Storage objects pickle (the boto3 client is rebuilt lazily), because Dask ships task
@@ -25,17 +41,23 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
+import logging
+import math
 import mimetypes
 import os
+import random
+import stat
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from pulse_core.atomic import LOCAL_TMP_PREFIX, atomic_write_bytes
@@ -44,6 +66,18 @@ from pulse_core.errors import ConfigError, StorageError
 MiB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MiB  # S3 refuses multipart parts smaller than this (except the last)
 S3_MAX_KEY_BYTES = 1024  # S3's limit on a full key, UTF-8 encoded
+
+# The retry budget (see the module docstring). Sleeps double from the first one up to the cap;
+# each is drawn in [half, all] of its nominal value, so that workers that lost the store at the
+# same moment do not come back at the same moment. The cap bounds how long after the end of an
+# outage a waiting request notices it (at most ~10 s, plus its own timeouts).
+DEFAULT_RETRY_BUDGET_S = 300.0  # seconds one request keeps retrying transient failures
+RETRY_BUDGET_ENV = "PULSE_STORAGE_RETRY_BUDGET_S"  # overrides the default, per process
+RETRY_FIRST_SLEEP_S = 0.5  # nominal sleep before the first retry
+RETRY_MAX_SLEEP_S = 10.0  # cap of one sleep
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # ---------------------------------------------------------------------------------------------
 
@@ -56,6 +90,24 @@ class TransientStorageError(StorageError):
     """
 
     transient = True
+
+
+class RetryBudgetExhaustedError(TransientStorageError):
+    """A transient failure that outlasted the retry budget: the store was down too long.
+
+    Still transient (a later run may well succeed), but the waiting has been done: Prefect tasks
+    do not retry it again (`tasks.restore.retry_transient_only`), so a run fails after about one
+    budget instead of several. The message says which setting raises the budget.
+    """
+
+    def __init__(self, message: str, retried_s: float = 0.0, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.retried_s = retried_s  # seconds from the first attempt to giving up
+        self.attempts = attempts  # requests made, the first included
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args); keep the extra fields (Dask and Prefect pickle these).
+        return (type(self), (str(self), self.retried_s, self.attempts))
 
 
 class StorageNotFoundError(StorageError):
@@ -86,6 +138,8 @@ class StorageConfig:
     connect_timeout_s: float = 10.0  # seconds to open a connection
     read_timeout_s: float = 60.0  # seconds without a byte before a read is abandoned
     max_attempts: int = 5  # total tries per request, botocore "standard" retry mode
+    retry_budget_s: float | None = None  # seconds a request retries transient failures in all;
+    # None = PULSE_STORAGE_RETRY_BUDGET_S of the process making it, else 300; 0 = no more retries
     multipart_threshold: int = 64 * MiB  # objects at least this large use multipart upload
     multipart_chunksize: int = 16 * MiB  # part size; >= 5 MiB (S3's minimum)
     max_concurrency: int = 4  # parallel part uploads of one multipart object
@@ -102,6 +156,8 @@ class StorageConfig:
             raise ConfigError("StorageConfig timeouts must be positive seconds")
         if self.max_attempts < 1:
             raise ConfigError("StorageConfig.max_attempts must be >= 1 (1 = no retries)")
+        if self.retry_budget_s is not None:
+            _check_budget(self.retry_budget_s, "StorageConfig.retry_budget_s")
         if self.multipart_threshold < 1:
             raise ConfigError("StorageConfig.multipart_threshold must be >= 1 byte")
         if self.multipart_chunksize < S3_MIN_PART_SIZE:
@@ -132,6 +188,7 @@ class StorageConfig:
             f"connect_timeout_s={self.connect_timeout_s!r}",
             f"read_timeout_s={self.read_timeout_s!r}",
             f"max_attempts={self.max_attempts!r}",
+            f"retry_budget_s={self.retry_budget_s!r}",
             f"multipart_threshold={self.multipart_threshold!r}",
             f"multipart_chunksize={self.multipart_chunksize!r}",
             f"max_concurrency={self.max_concurrency!r}",
@@ -145,6 +202,105 @@ class StorageConfig:
     def secrets(self) -> tuple[str, ...]:
         """Values that must be scrubbed from any message (non-empty ones only)."""
         return tuple(s for s in (self.secret_key, self.session_token) if s)
+
+    def effective_retry_budget_s(self) -> float:
+        """The retry budget in force here: the field, else the environment, else the default.
+
+        Read when a request is made, not when the config is built: configs are built in the flow
+        process and pickled to Dask workers, and each process is configured by its own
+        environment, like the AWS_* variables boto3 reads.
+        """
+        if self.retry_budget_s is not None:
+            return float(self.retry_budget_s)
+        raw = os.environ.get(RETRY_BUDGET_ENV, "").strip()
+        if not raw:
+            return DEFAULT_RETRY_BUDGET_S
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{RETRY_BUDGET_ENV}={raw!r} is not a number of seconds (e.g. 300)"
+            ) from None
+        return _check_budget(value, RETRY_BUDGET_ENV)
+
+
+def _check_budget(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number of seconds, not {value!r}")
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0 seconds (0 = no retries beyond botocore's)")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrying within a budget
+
+
+def backoff_s(retry: int, jitter: float) -> float:
+    """Seconds to sleep before retry number `retry` (1 = the first retry).
+
+    Nominal sleeps double from RETRY_FIRST_SLEEP_S up to RETRY_MAX_SLEEP_S (0.5, 1, 2, 4, 8,
+    10, 10, ...); `jitter` in [0, 1) picks a point in [half, all] of that ("equal jitter"), so
+    the sleeps still grow while workers that failed together spread out.
+    """
+    if retry < 1:
+        raise ValueError(f"retry numbers start at 1, got {retry}")
+    nominal = min(RETRY_MAX_SLEEP_S, RETRY_FIRST_SLEEP_S * 2.0 ** min(retry - 1, 32))
+    return nominal * (0.5 + 0.5 * min(max(jitter, 0.0), 1.0))
+
+
+def retry_transient(
+    call: Callable[[], _T],
+    *,
+    budget_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    jitter: Callable[[], float] = random.random,
+) -> _T:
+    """`call()`, retried on `TransientStorageError` until it succeeds or `budget_s` is spent.
+
+    Any other exception propagates at once (a permanent error does not get better by waiting).
+    The budget bounds when the last attempt may start; the last sleep is shortened to end at
+    the budget, so the store gets one more chance right at the end. When it is spent, the last
+    error is raised again as `RetryBudgetExhaustedError`, with how long it was retried and the
+    setting that raises the budget. `clock`, `sleep` and `jitter` are injectable for tests.
+    """
+    start = clock()
+    retry = 0
+    while True:
+        try:
+            return call()
+        except TransientStorageError as exc:
+            elapsed = clock() - start
+            remaining = budget_s - elapsed
+            if remaining <= 0 or isinstance(exc, RetryBudgetExhaustedError):
+                raise _budget_spent(exc, elapsed, retry + 1, budget_s) from None
+            retry += 1
+            delay = min(backoff_s(retry, jitter()), remaining)
+            _log.warning(
+                "%s; retry %d in %.1f s (%.0f s of the %.0f s storage retry budget used)",
+                exc,
+                retry,
+                delay,
+                elapsed,
+                budget_s,
+            )
+            sleep(delay)
+
+
+def _budget_spent(
+    exc: TransientStorageError, elapsed: float, attempts: int, budget_s: float
+) -> RetryBudgetExhaustedError:
+    if isinstance(exc, RetryBudgetExhaustedError):
+        return exc
+    return RetryBudgetExhaustedError(
+        f"{exc}; still failing after {elapsed:.0f} s of retries ({attempts} attempts; the "
+        f"storage retry budget is {budget_s:g} s): if the store is down for longer than that, "
+        f"raise {RETRY_BUDGET_ENV} (StorageConfig.retry_budget_s) for the flow and every "
+        "worker, then run again (finished inputs are skipped)",
+        retried_s=elapsed,
+        attempts=attempts,
+    )
 
 
 @dataclass(frozen=True)
@@ -325,6 +481,15 @@ class Storage(ABC):
         """The file backing `key`. Only local storage has one; tools needing a path ask here."""
         raise StorageError(f"{self.url} is not a local folder: no local path for {key!r}")
 
+    def with_retry_budget(self, seconds: float) -> Storage:
+        """This root with another retry budget; 0 = give up at the first transient failure.
+
+        For best-effort requests after the store was found down (clean-up on the way out of a
+        failed run): with the normal budget each of them would wait minutes for nothing. Local
+        folders have no budget and return themselves.
+        """
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
@@ -356,6 +521,26 @@ def _os_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EINTR, errno.ESTALE):
         return TransientStorageError(f"{what}: {exc.strerror or exc} (temporary, retry)")
     return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def _not_a_file(path: Path) -> StorageError:
+    """A folder is "not found" (as an S3 key with only children would be); others are refused."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISDIR(mode):
+        return StorageNotFoundError(f"cannot read {path}: it is a folder, not a file")
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    return StorageError(f"refusing to read {path}: it is {kind}; only regular files are read")
 
 
 class LocalStorage(Storage):
@@ -395,22 +580,31 @@ class LocalStorage(Storage):
         # Start from the deepest folder the prefix names fully; filter the rest by startswith.
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.local_path(folder) if folder else self.root
-        if not start.is_dir():
-            return
+        if not start.is_dir() or (folder and not self._inside(start)):
+            return  # a folder linked from elsewhere is not walked, as in `_walk`
         for key, path in self._walk(start, folder, prefix):
             if key.startswith(prefix) and _matches(key, wanted):
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except FileNotFoundError:
                     continue  # deleted between listing and stat
+                if stat.S_ISLNK(st.st_mode) and self._inside(path):
+                    # A link within the root: show its target's size. A dangling one keeps
+                    # the link's own (it is listed, and reading it says "not found").
+                    with contextlib.suppress(OSError):
+                        st = path.stat()
                 yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def _walk(self, folder: Path, rel: str, prefix: str) -> Iterator[tuple[str, Path]]:
-        """Files under `folder` in the order S3 would list their keys.
+        """Entries under `folder` that are not folders, in the order S3 would list their keys.
 
         Sorting by name + "/" for folders makes a depth-first walk come out in global
         lexicographic key order ("a-b" < "a/c" because "-" < "/"), like S3, without holding the
         whole tree in memory. Folders that cannot hold a key starting with `prefix` are skipped.
+        Symbolic links to folders are neither walked (a link could lead anywhere, or in a loop)
+        nor listed. Other links and special files (FIFOs, sockets, devices) are listed like
+        files, so that the caller records the reason `read_bytes` refuses them with, rather
+        than losing them quietly.
         """
         try:
             with os.scandir(folder) as it:
@@ -426,31 +620,90 @@ class LocalStorage(Storage):
             if sort_name.endswith("/"):
                 if f"{key}/".startswith(prefix) or prefix.startswith(f"{key}/"):
                     yield from self._walk(Path(entry.path), key, prefix)
-            elif not entry.name.startswith(LOCAL_TMP_PREFIX) and entry.is_file():
-                yield key, Path(entry.path)
+            elif not entry.name.startswith(LOCAL_TMP_PREFIX) and not entry.is_dir():
+                yield key, Path(entry.path)  # (is_dir() follows links: a linked folder is no file)
+
+    def stale_temp_files(
+        self, older_than: timedelta, now: datetime | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Temp files of atomic writes (`LOCAL_TMP_PREFIX`) unmodified for `older_than`.
+
+        `list` hides them (they are not objects), but a killed writer (kill -9 skips every
+        `finally`) leaves them behind; this is how a cleanup finds them. A younger one may be a
+        write in progress, so it is not returned. Walks the whole root (atomic writes happen in
+        every output folder), never into linked folders. `now`: None = the current UTC time.
+        """
+        cutoff = (now or datetime.now(UTC)) - older_than
+        for folder, dirs, files in os.walk(self.root):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.startswith(LOCAL_TMP_PREFIX):
+                    continue
+                path = Path(folder, name)
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue  # renamed into place or removed since the walk saw it
+                mtime = datetime.fromtimestamp(st.st_mtime, UTC)
+                if stat.S_ISREG(st.st_mode) and mtime <= cutoff:
+                    yield ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size, mtime)
+
+    def _inside(self, path: Path) -> bool:
+        """Whether `path`, with every symbolic link resolved, still lies inside the root."""
+        return path.resolve().is_relative_to(self.root.resolve())
+
+    def _contained(self, key: str, action: str, *, follow_last: bool) -> Path:
+        """The path of `key`, or StorageError when a symbolic link takes it outside the root.
+
+        `validate_key` makes the lexical path safe; links are what can still lead out (a source
+        holding `photo.png -> /home/user/.ssh/id_rsa`, or a folder linked elsewhere). Reads
+        follow the last component (`follow_last`); writes and deletes replace or remove the
+        last component itself, never its target, so only its folder must stay inside. Checked
+        just before the operation: a link swapped in between is a race this does not close
+        (that needs openat2's RESOLVE_BENEATH); archives, not live attackers, are the threat.
+        """
+        path = self.local_path(key)
+        if not self._inside(path if follow_last else path.parent):
+            raise StorageError(
+                f"refusing to {action} {key!r} in {self.url}: a symbolic link takes it outside "
+                f"that folder (to {path.resolve()}); only files inside the folder are used"
+            )
+        return path
 
     def read_bytes(self, key: str) -> bytes:
-        path = self.local_path(key)
+        path = self._contained(key, "read", follow_last=True)
         try:
-            return path.read_bytes()
-        except IsADirectoryError:
-            raise StorageNotFoundError(f"cannot read {path}: it is a folder, not a file") from None
+            # Only regular files: opening a FIFO blocks until a writer comes, a device may act
+            # on open. Checked before opening, and again on the opened file: the resolved path
+            # is opened without following links and without blocking, so a FIFO or link swapped
+            # in between can neither block the read nor lead elsewhere.
+            real = path.resolve()
+            if not stat.S_ISREG(real.stat().st_mode):
+                raise _not_a_file(path)
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise _not_a_file(path)
+                return f.read()
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the file became a link after the check
+                raise StorageError(f"cannot read {path}: it changed into a symbolic link") from None
             raise _os_error(exc, f"cannot read {path}") from exc
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         # content_type has no meaning on a file system; accepted for interface symmetry.
-        path = self.local_path(key)
+        path = self._contained(key, "write", follow_last=False)
         try:
             atomic_write_bytes(path, data)
         except OSError as exc:
             raise _os_error(exc, f"cannot write {path}") from exc
 
     def exists(self, key: str) -> bool:
-        return self.local_path(key).is_file()
+        path = self.local_path(key)
+        return self._inside(path) and path.is_file()
 
     def delete(self, key: str) -> None:
-        path = self.local_path(key)
+        path = self._contained(key, "delete", follow_last=False)
         try:
             path.unlink(missing_ok=True)
         except IsADirectoryError:
@@ -563,7 +816,8 @@ class S3Storage(Storage):
             config=Config(
                 connect_timeout=cfg.connect_timeout_s,
                 read_timeout=cfg.read_timeout_s,
-                retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+                # total_max_attempts counts the first try; botocore's "max_attempts" does not
+                retries={"total_max_attempts": cfg.max_attempts, "mode": "standard"},
                 s3={"addressing_style": style},
                 user_agent_extra="pulse-pipeline",
             ),
@@ -588,6 +842,12 @@ class S3Storage(Storage):
         child = S3Storage(self.bucket, self._full_key(prefix), self.config)
         child._client = self._client  # share the connection pool when it already exists
         return child
+
+    def with_retry_budget(self, seconds: float) -> S3Storage:
+        config = replace(self.config, retry_budget_s=_check_budget(seconds, "retry budget"))
+        other = S3Storage(self.bucket, self.prefix, config)
+        other._client = self._client  # the budget is ours, not botocore's: same client
+        return other
 
     # -- error mapping
 
@@ -652,91 +912,114 @@ class S3Storage(Storage):
             return self._error(cause, action, key)
         return StorageError(f"cannot {action} {where}: {self._scrub(str(exc))}")
 
+    # -- requests: every one goes through `_request` (error mapping + the retry budget)
+
+    def _attempt(self, action: str, key: str | None, call: Callable[[], _T]) -> _T:
+        """One try of `call` (with botocore's own retries), its failure as a StorageError."""
+        try:
+            return call()
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, action, key) from None
+
+    def _request(self, action: str, key: str | None, call: Callable[[], _T]) -> _T:
+        """`call`, retried on transient failures within the configured retry budget.
+
+        Every call passed here must be safe to repeat: reads, listings of one page, and writes
+        and deletes of a whole object under a fixed key all are.
+        """
+        return retry_transient(
+            lambda: self._attempt(action, key, call),
+            budget_s=self.config.effective_retry_budget_s(),
+        )
+
     # -- operations
 
     def check(self, create: bool = False) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise self._error(exc, "reach") from None
+        # No retry budget here: see the module docstring (fail fast, before any work).
+        self._attempt("reach", None, lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def list(self, prefix: str = "", suffixes: Iterable[str] | None = None) -> Iterator[ObjectInfo]:
         _validate_prefix(prefix)
         wanted = _suffix_filter(suffixes)
         root = f"{self.prefix}/" if self.prefix else ""
-        try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            pages = paginator.paginate(
-                Bucket=self.bucket,
-                Prefix=root + prefix,
-                PaginationConfig={"PageSize": self.config.list_page_size},
+        # Page by page (not boto3's paginator), so that a page that fails is retried on its own
+        # and the keys already yielded are not yielded again.
+        request: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": root + prefix,
+            "MaxKeys": self.config.list_page_size,
+        }
+        while True:
+            page = self._request(
+                "list", None, lambda args=dict(request): self.client.list_objects_v2(**args)
             )
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    key = obj["Key"][len(root) :]
-                    if not key or key.endswith("/") or not _matches(key, wanted):
-                        continue  # "folder" marker objects are not objects to process
-                    etag = obj.get("ETag")
-                    yield ObjectInfo(
-                        key,
-                        int(obj.get("Size", 0)),
-                        obj.get("LastModified"),
-                        etag.strip('"') if etag else None,
-                    )
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise self._error(exc, "list", None) from None
+            for obj in page.get("Contents", ()):
+                key = obj["Key"][len(root) :]
+                if not key or key.endswith("/") or not _matches(key, wanted):
+                    continue  # "folder" marker objects are not objects to process
+                etag = obj.get("ETag")
+                yield ObjectInfo(
+                    key,
+                    int(obj.get("Size", 0)),
+                    obj.get("LastModified"),
+                    etag.strip('"') if etag else None,
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            request["ContinuationToken"] = token
 
     def read_bytes(self, key: str) -> bytes:
         full = self._full_key(key)
-        try:
+
+        def get() -> bytes:  # the body is read inside the retry: a dropped stream is retried
             response = self.client.get_object(Bucket=self.bucket, Key=full)
             return bytes(response["Body"].read())
-        except Exception as exc:
-            raise self._error(exc, "read", key) from None
+
+        return self._request("read", key, get)
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         full = self._full_key(key)
         content_type = content_type or _guess_content_type(key)
         extra = {"ContentType": content_type} if content_type else {}
-        try:
+
+        def put() -> None:
             if len(data) < self.config.multipart_threshold:
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
-            else:
-                from boto3.s3.transfer import TransferConfig
+                return
+            from boto3.s3.transfer import TransferConfig
 
-                self.client.upload_fileobj(
-                    io.BytesIO(data),
-                    self.bucket,
-                    full,
-                    ExtraArgs=extra or None,
-                    Config=TransferConfig(
-                        multipart_threshold=self.config.multipart_threshold,
-                        multipart_chunksize=self.config.multipart_chunksize,
-                        max_concurrency=self.config.max_concurrency,
-                    ),
-                )
-        except Exception as exc:
-            raise self._error(exc, "write", key) from None
+            self.client.upload_fileobj(
+                io.BytesIO(data),  # a fresh stream per attempt
+                self.bucket,
+                full,
+                ExtraArgs=extra or None,
+                Config=TransferConfig(
+                    multipart_threshold=self.config.multipart_threshold,
+                    multipart_chunksize=self.config.multipart_chunksize,
+                    max_concurrency=self.config.max_concurrency,
+                ),
+            )
+
+        self._request("write", key, put)
 
     def exists(self, key: str) -> bool:
         full = self._full_key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=full)
-            return True
-        except Exception as exc:
-            error = self._error(exc, "look up", key)
-            if isinstance(error, StorageNotFoundError):
-                return False
-            raise error from None
+            self._request(
+                "look up", key, lambda: self.client.head_object(Bucket=self.bucket, Key=full)
+            )
+        except StorageNotFoundError:
+            return False
+        return True
 
     def delete(self, key: str) -> None:
         full = self._full_key(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=full)
-        except Exception as exc:
-            error = self._error(exc, "delete", key)
-            if isinstance(error, StorageNotFoundError):
-                return
-            raise error from None
+            self._request(
+                "delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full)
+            )
+        except StorageNotFoundError:
+            return

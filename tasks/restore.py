@@ -8,15 +8,20 @@ from prefect import get_run_logger, task
 
 from pulse_core.pipeline import BatchOutcome, process_batch
 from pulse_core.settings import RestoreSettings
-from pulse_core.storage import Storage, is_transient
+from pulse_core.storage import RetryBudgetExhaustedError, Storage, is_transient
 
 
 def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a batch only for transient storage errors: bad input is already a failed row."""
+    """Retry a batch only for transient storage errors: bad input is already a failed row.
+
+    Not when the storage retry budget is spent (`RetryBudgetExhaustedError`): every request
+    already waited that long for the store, and retrying the batch three more times would
+    turn a budget of minutes into a quarter of an hour before the run says what is wrong.
+    """
     try:
         state.result()
     except Exception as exc:
-        return is_transient(exc)
+        return is_transient(exc) and not isinstance(exc, RetryBudgetExhaustedError)
     return False
 
 

@@ -486,6 +486,7 @@ def test_s3_unreachable_endpoint_is_transient(tmp_path: Path) -> None:
         secret_key=SECRET,
         max_attempts=1,
         connect_timeout_s=1,
+        retry_budget_s=0,  # no waiting: the budget is specified below with a fake clock
     )
     with pytest.raises(TransientStorageError, match="cannot reach endpoint") as info:
         S3Storage("bucket", "", config).read_bytes("x.png")
@@ -552,3 +553,344 @@ def test_s3_endpoint_from_the_environment_is_used(
         .read()
         == b"x"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Local folders: symbolic links and special files never lead outside the root
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the root holding a file that must never be read through the root."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.png").write_bytes(b"outside-secret")
+    return folder
+
+
+def test_local_link_leading_outside_is_listed_but_never_read(
+    local: LocalStorage, outside: Path
+) -> None:
+    local.write_bytes("ok.png", b"inside")
+    (local.root / "photo.png").symlink_to(outside / "secret.png")
+
+    assert [o.key for o in local.list()] == ["ok.png", "photo.png"]  # shown, to be reported
+    with pytest.raises(StorageError, match="outside that folder") as info:
+        local.read_bytes("photo.png")
+    assert not isinstance(info.value, StorageNotFoundError) and not is_transient(info.value)
+    assert not local.exists("photo.png")
+
+
+def test_local_link_within_the_root_is_followed(local: LocalStorage) -> None:
+    local.write_bytes("real/a.png", b"inside")
+    (local.root / "alias.png").symlink_to(local.root / "real" / "a.png")
+
+    assert local.read_bytes("alias.png") == b"inside"
+    assert {o.key: o.size for o in local.list()}["alias.png"] == len(b"inside")
+
+
+def test_local_folder_linked_from_outside_is_neither_walked_nor_written_through(
+    local: LocalStorage, outside: Path
+) -> None:
+    local.check(create=True)
+    (local.root / "linked").symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in outside.iterdir())
+
+    assert list(local.list()) == [] and list(local.list("linked/")) == []
+    for op in (
+        lambda: local.read_bytes("linked/secret.png"),
+        lambda: local.write_bytes("linked/new.png", b"x"),
+        lambda: local.delete("linked/secret.png"),
+    ):
+        with pytest.raises(StorageError, match="outside that folder"):
+            op()
+    assert sorted(p.name for p in outside.iterdir()) == before
+    assert (outside / "secret.png").read_bytes() == b"outside-secret"
+
+
+def test_local_dangling_link_is_listed_and_reads_as_not_found(local: LocalStorage) -> None:
+    local.check(create=True)
+    (local.root / "gone.png").symlink_to(local.root / "missing.png")
+
+    assert [o.key for o in local.list()] == ["gone.png"]
+    with pytest.raises(StorageNotFoundError):
+        local.read_bytes("gone.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_local_fifo_is_listed_but_refused_without_blocking(local: LocalStorage) -> None:
+    local.check(create=True)
+    os.mkfifo(local.root / "pipe.png")  # opening it for reading would wait for a writer forever
+
+    assert [o.key for o in local.list()] == ["pipe.png"]
+    with pytest.raises(StorageError, match="FIFO"):
+        local.read_bytes("pipe.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# The retry budget (a fake clock: no test waits)
+
+
+class FakeClock:
+    """`clock` and `sleep` for `retry_transient`: sleeping advances the clock, instantly."""
+
+    def __init__(self, request_s: float = 0.0) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+        self.request_s = request_s  # how long each attempt takes
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _failing(clock: FakeClock, failures: int, error: Exception | None = None):
+    """A call that fails `failures` times (transient by default), then returns "done"."""
+    calls: list[float] = []
+
+    def call() -> str:
+        calls.append(clock.now)
+        clock.now += clock.request_s
+        if len(calls) <= failures:
+            raise error or TransientStorageError("cannot read s3://b/x.png: cannot reach endpoint")
+        return "done"
+
+    return call, calls
+
+
+def test_backoff_doubles_from_half_a_second_up_to_a_ten_second_cap() -> None:
+    from pulse_core.storage import backoff_s
+
+    nominal = [backoff_s(n, 1.0) for n in range(1, 9)]
+    assert nominal == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert [backoff_s(n, 0.0) for n in range(1, 4)] == [0.25, 0.5, 1.0]  # jitter: half to all
+    assert backoff_s(10_000, 0.5) == 7.5  # no overflow on a very long outage
+
+
+def test_transient_failures_are_retried_until_the_call_succeeds() -> None:
+    from pulse_core.storage import retry_transient
+
+    clock = FakeClock()
+    call, calls = _failing(clock, failures=4)
+
+    result = retry_transient(
+        call, budget_s=300, clock=clock.clock, sleep=clock.sleep, jitter=lambda: 1.0
+    )
+
+    assert result == "done" and len(calls) == 5
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_retries_stop_at_the_budget_with_a_message_naming_the_setting() -> None:
+    from pulse_core.storage import RETRY_BUDGET_ENV, RetryBudgetExhaustedError, retry_transient
+
+    clock = FakeClock(request_s=1.0)  # each attempt itself takes a second
+    call, calls = _failing(clock, failures=10_000)
+
+    with pytest.raises(RetryBudgetExhaustedError) as info:
+        retry_transient(call, budget_s=20, clock=clock.clock, sleep=clock.sleep, jitter=lambda: 1)
+
+    # Attempts of 1 s after sleeps of 0.5, 1, 2, 4 s: the 5th ends at 12.5 s; the next sleep
+    # (8 s) is cut to end at the budget, and the 6th attempt, started at 20 s, is the last.
+    assert [t - calls[0] for t in calls] == [0, 1.5, 3.5, 6.5, 11.5, 20]
+    error = info.value
+    assert isinstance(error, TransientStorageError) and is_transient(error)
+    assert (error.attempts, error.retried_s) == (6, 21)
+    message = str(error)
+    assert "cannot read s3://b/x.png" in message  # what failed
+    assert "after 21 s of retries (6 attempts" in message  # for how long
+    assert "retry budget is 20 s" in message and RETRY_BUDGET_ENV in message  # what raises it
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    from pulse_core.storage import retry_transient
+
+    clock = FakeClock()
+    call, calls = _failing(clock, failures=1, error=StorageError("access denied"))
+
+    with pytest.raises(StorageError, match="access denied") as info:
+        retry_transient(call, budget_s=300, clock=clock.clock, sleep=clock.sleep)
+
+    assert not is_transient(info.value) and len(calls) == 1 and clock.sleeps == []
+
+
+def test_a_budget_of_zero_means_no_retries_beyond_botocores() -> None:
+    from pulse_core.storage import RetryBudgetExhaustedError, retry_transient
+
+    clock = FakeClock()
+    call, calls = _failing(clock, failures=1)
+
+    with pytest.raises(RetryBudgetExhaustedError):
+        retry_transient(call, budget_s=0, clock=clock.clock, sleep=clock.sleep)
+    assert len(calls) == 1 and clock.sleeps == []
+
+
+def test_an_exhausted_budget_is_not_spent_again_by_an_outer_retry() -> None:
+    from pulse_core.storage import RetryBudgetExhaustedError, retry_transient
+
+    clock = FakeClock()
+    inner = RetryBudgetExhaustedError("inner gave up", retried_s=20, attempts=7)
+    call, calls = _failing(clock, failures=1, error=inner)
+
+    with pytest.raises(RetryBudgetExhaustedError) as info:
+        retry_transient(call, budget_s=300, clock=clock.clock, sleep=clock.sleep)
+    assert info.value is inner and len(calls) == 1
+
+
+def test_the_budget_defaults_to_minutes_and_the_environment_overrides_it(monkeypatch) -> None:
+    from pulse_core.storage import DEFAULT_RETRY_BUDGET_S, RETRY_BUDGET_ENV
+
+    monkeypatch.delenv(RETRY_BUDGET_ENV, raising=False)
+    assert StorageConfig().effective_retry_budget_s() == DEFAULT_RETRY_BUDGET_S == 300.0
+    monkeypatch.setenv(RETRY_BUDGET_ENV, "20")
+    config = StorageConfig()
+    assert config.effective_retry_budget_s() == 20.0
+    # Read where the request is made: a config pickled to a worker follows the worker's env.
+    clone = pickle.loads(pickle.dumps(config))
+    monkeypatch.setenv(RETRY_BUDGET_ENV, "45.5")
+    assert clone.effective_retry_budget_s() == 45.5
+    assert StorageConfig(retry_budget_s=5).effective_retry_budget_s() == 5.0  # the field wins
+    monkeypatch.setenv(RETRY_BUDGET_ENV, "five minutes")
+    with pytest.raises(ConfigError, match=RETRY_BUDGET_ENV):
+        StorageConfig().effective_retry_budget_s()
+
+
+@pytest.mark.parametrize("budget", [-1, float("inf"), float("nan")])
+def test_invalid_retry_budgets_are_refused(budget: float) -> None:
+    with pytest.raises(ConfigError, match="retry_budget_s"):
+        StorageConfig(retry_budget_s=budget)
+
+
+def test_an_exhausted_budget_error_pickles_with_its_fields() -> None:
+    from pulse_core.storage import RetryBudgetExhaustedError
+
+    error = pickle.loads(pickle.dumps(RetryBudgetExhaustedError("gave up", 21.5, 7)))
+    assert (str(error), error.retried_s, error.attempts) == ("gave up", 21.5, 7)
+
+
+def _fail_first(storage: S3Storage, operation: str, failures: int) -> list[int]:
+    """Make the first `failures` `operation` requests fail as if the endpoint were down."""
+    sent: list[int] = []
+
+    def before_send(**_: object) -> None:
+        sent.append(1)
+        if len(sent) <= failures:
+            raise EndpointConnectionError(endpoint_url="http://down")
+
+    storage.client.meta.events.register(
+        f"before-send.s3.{operation}", before_send, unique_id=uuid.uuid4().hex
+    )
+    return sent
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch) -> None:
+    """Sleeps of milliseconds, so that real requests can be retried without slowing the tests."""
+    import pulse_core.storage
+
+    monkeypatch.setattr(pulse_core.storage, "RETRY_FIRST_SLEEP_S", 0.01)
+    monkeypatch.setattr(pulse_core.storage, "RETRY_MAX_SLEEP_S", 0.02)
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_s3_reads_writes_and_deletes_ride_out_dropped_connections(s3: S3Storage) -> None:
+    s3.write_bytes("x.png", b"payload")
+    puts, gets = _fail_first(s3, "PutObject", 2), _fail_first(s3, "GetObject", 3)
+    heads, deletes = _fail_first(s3, "HeadObject", 1), _fail_first(s3, "DeleteObject", 1)
+
+    s3.write_bytes("y.png", b"second")
+    assert s3.read_bytes("x.png") == b"payload"
+    assert s3.exists("y.png")
+    s3.delete("y.png")
+
+    assert (len(puts), len(gets), len(heads), len(deletes)) == (3, 4, 2, 2)
+    assert not s3.exists("y.png")
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_s3_listing_retries_one_page_without_repeating_keys(
+    bucket: str, s3_config: StorageConfig
+) -> None:
+    s3 = S3Storage(bucket, "root", StorageConfig(**{**s3_config.__dict__, "list_page_size": 2}))
+    keys = [f"img/{i}.png" for i in range(5)]
+    _populate(s3, keys)
+    sent: list[int] = []
+
+    def second_page_fails_once(**_: object) -> None:
+        sent.append(1)
+        if len(sent) == 2:
+            raise EndpointConnectionError(endpoint_url="http://down")
+
+    s3.client.meta.events.register(
+        "before-send.s3.ListObjectsV2", second_page_fails_once, unique_id=uuid.uuid4().hex
+    )
+
+    assert [o.key for o in s3.list()] == keys
+    assert len(sent) == 4  # 3 pages, the second one twice
+
+
+def test_s3_access_denied_is_not_retried(s3: S3Storage) -> None:
+    from botocore.awsrequest import AWSResponse
+
+    sent: list[int] = []
+
+    def deny(**_: object) -> AWSResponse:
+        sent.append(1)
+        body = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+        return AWSResponse("http://x", 403, {}, _RawBody(body))
+
+    s3.client.meta.events.register("before-send.s3.GetObject", deny, unique_id=uuid.uuid4().hex)
+
+    with pytest.raises(StorageError, match="access denied") as info:
+        s3.read_bytes("x.png")
+    assert not is_transient(info.value) and len(sent) == 1
+
+
+class _RawBody:
+    """The minimal raw stream botocore reads an HTTP body from."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: object) -> Iterator[bytes]:
+        yield self._data
+
+
+def test_check_fails_fast_without_spending_the_budget(monkeypatch) -> None:
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = StorageConfig(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region="us-east-1",
+        access_key="k",
+        secret_key=SECRET,
+        max_attempts=1,
+        retry_budget_s=300,
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientStorageError, match="cannot reach endpoint"):
+        S3Storage("bucket", "", config).check()
+    assert time.monotonic() - started < 60  # generous: it takes milliseconds, not the budget
+
+
+def test_a_storage_with_a_zero_budget_gives_up_at_once(s3: S3Storage) -> None:
+    from pulse_core.storage import DEFAULT_RETRY_BUDGET_S, RetryBudgetExhaustedError
+
+    s3.write_bytes("x.png", b"payload")
+    quick = s3.with_retry_budget(0)
+    sent = _fail_first(quick, "GetObject", 1)
+
+    with pytest.raises(RetryBudgetExhaustedError, match="retry budget is 0 s"):
+        quick.read_bytes("x.png")
+    assert len(sent) == 1 and quick.url == s3.url
+    assert s3.config.retry_budget_s is None  # the original keeps its budget
+    assert s3.config.effective_retry_budget_s() == DEFAULT_RETRY_BUDGET_S
+    local = LocalStorage("/tmp")
+    assert local.with_retry_budget(0) is local
