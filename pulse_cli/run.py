@@ -80,6 +80,10 @@ def run_flow(args: argparse.Namespace) -> int:
         f"\n{summary.ok} restored, {summary.failed} failed, {summary.skipped} already done "
         f"(of {summary.found} found); {summary.converged_input_count} with a converged sample."
     )
+    if summary.no_faces or summary.faces_restored:
+        print(
+            f"faces: {summary.faces_restored} restored; {summary.no_faces} photo(s) without a face"
+        )
     if summary.samples_key:
         print(f"samples manifest: {summary.samples_key}\nlosses manifest:  {summary.losses_key}")
     root = summary.dest.rstrip("/")

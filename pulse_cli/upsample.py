@@ -222,3 +222,7 @@ def print_table(summary: RunSummary) -> None:
         f"\n{summary.ok} restored, {summary.failed} failed; {summary.converged_input_count} with "
         f"a converged sample, in {summary.seconds:.1f} s"
     )
+    if summary.no_faces or summary.faces_restored:
+        print(
+            f"faces: {summary.faces_restored} restored; {summary.no_faces} photo(s) without a face"
+        )

@@ -2,9 +2,17 @@
 
 Two tables, both versioned (`SCHEMA_VERSION`, also stored in the schema metadata under
 `pulse.schema_version`, so a reader can tell a file from an older or newer build):
-- samples: one row per (input, sample): where it came from, how it was made, how well it fits
-  and where its PNG lies; failed inputs get a row with status "failed" and the error message.
-- losses: one row per (input, sample, step): the optimisation history, for plots and debugging.
+- samples: one row per (input, face, sample): where it came from, how it was made, how well it
+  fits and where its PNG lies; failed inputs get a row with status "failed" and the error
+  message; a whole photo in which the faces stage found no face gets one row with status
+  "no-faces" and the reason (it is done, not failed: the next run does not redo it).
+- losses: one row per (input, face, sample, step): the optimisation history.
+
+A row's identity is (input_key, face_index, sample_index) (`KEY_COLUMNS`; losses add `step`).
+`face_index` is None for an input restored whole (an LR face crop, the only kind before schema
+version 3) and 0, 1, ... for the faces the faces stage found in a whole photo, numbered in the
+detector's order (left to right). Parts and run manifests written by version 2 are upgraded on
+read: their face columns are null, so their identities are unchanged.
 
 Each run writes its own pair under `dest/_runs/<run id>/{samples,losses}.parquet`
 (`run_manifest_key`). Files are built in memory and written with one atomic storage write (a
@@ -30,6 +38,9 @@ the older run for that input (not even its unselected restarts), and the index n
 for one input. A newer *failure* never displaces an earlier success: a flaky redo (a GPU out of
 memory, a storage hiccup) must not make dest forget good samples whose PNGs are still there; the
 failure is recorded in that run's own manifest (`_runs/<id>/samples.parquet`).
+
+Statuses "ok" and "no-faces" both mean the input was handled (`DONE_STATUSES`): a writer with
+either beats a writer that failed the input.
 
 Guarantee: after `append_to_index` (reconcile on, the default) or `reconcile_index` returns, the
 raw folder holds exactly what the rule keeps, so a plain dataset read has no stale or duplicate
@@ -75,12 +86,16 @@ import pyarrow.parquet as pq
 from pulse_core.errors import PulseError
 from pulse_core.storage import LocalStorage, Storage, StorageNotFoundError
 
-SCHEMA_VERSION = 2  # 2 added attempt, selected, intermediate_layers, intermediate_radius
+SCHEMA_VERSION = 3  # 2 added attempt, selected, intermediate_layers, intermediate_radius;
+# 3 added the face columns (face_index, face_box, face_landmarks, face_score, face_recipe,
+# photo_output_key, upscale) and the "no-faces" status; losses got face_index
 RUNS_PREFIX = "_runs"  # dest/_runs/<run id>/{samples,losses}.parquet
 INDEX_PREFIX = "_manifest/samples"  # dest/_manifest/samples/part-<name>.parquet
 METHODS = ("restart", "noise-resample")
-STATUSES = ("ok", "failed")
-KEY_COLUMNS = ("input_key", "sample_index")  # a sample's identity in the index
+STATUSES = ("ok", "failed", "no-faces")
+DONE_STATUSES = ("ok", "no-faces")  # the input was handled: nothing left to redo
+KEY_COLUMNS = ("input_key", "face_index", "sample_index")  # a sample's identity in the index
+LANDMARK_VALUES = 10  # face_landmarks: 5 (x, y) points, flattened
 PARQUET_COMPRESSION = "zstd"
 
 _PART_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -110,6 +125,15 @@ FIT_BOX_TYPE = pa.struct(
     ]
 )
 
+FACE_BOX_TYPE = pa.struct(
+    [
+        pa.field("x0", pa.float32(), nullable=False),  # photo pixel coordinates, continuous:
+        pa.field("y0", pa.float32(), nullable=False),  # pixel (i, j) covers [i, i+1) x [j, j+1)
+        pa.field("x1", pa.float32(), nullable=False),
+        pa.field("y1", pa.float32(), nullable=False),
+    ]
+)
+
 SAMPLES_SCHEMA = pa.schema(
     [
         pa.field("schema_version", pa.int32(), nullable=False),
@@ -122,6 +146,14 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("fit_policy", pa.string()),  # how the input was fitted to the LR size
         pa.field("fit_box", FIT_BOX_TYPE),  # region of the input used; None = whole image
         pa.field("conversions", pa.list_(pa.string()), nullable=False),  # e.g. ["rgba->rgb"]
+        pa.field("face_index", pa.int32()),  # face k of a whole photo; None = a whole input
+        pa.field("face_box", FACE_BOX_TYPE),  # the detector's box, photo px; None = whole input
+        pa.field("face_landmarks", pa.list_(pa.float32())),  # x0, y0, ..., x4, y4 in photo px:
+        # eyes (the photo's left first), nose, mouth corners; None = whole input
+        pa.field("face_score", pa.float32()),  # detector's face probability
+        pa.field("face_recipe", pa.string()),  # alignment: "ffhq" | "digiface"
+        pa.field("photo_output_key", pa.string()),  # the photo with faces pasted (faces=paste)
+        pa.field("upscale", pa.int32()),  # its enlargement of the photo
         pa.field("generator_id", pa.string(), nullable=False),  # catalogue name or file name
         pa.field("generator_checksum", pa.string()),  # sha256 of the weights
         pa.field("seed", pa.int64(), nullable=False),  # the sample's own seed
@@ -147,8 +179,9 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("lr_check_key", pa.string()),  # DS(HR) PNG key, for eyeballing the fit
         pa.field("seconds", pa.float64()),  # wall time spent on this sample's share
         pa.field("device", pa.string()),  # "cuda:0", "cpu", ...
-        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed"
-        pa.field("error", pa.string()),  # what went wrong; required when status is "failed"
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed" | "no-faces"
+        pa.field("error", pa.string()),  # what went wrong ("failed") or why there is nothing to
+        # restore ("no-faces"); required for both
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
     metadata=_metadata("samples"),
@@ -159,6 +192,7 @@ LOSSES_SCHEMA = pa.schema(
         pa.field("schema_version", pa.int32(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("input_key", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32()),  # as in samples: None = a whole input
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("step", pa.int32(), nullable=False),
         pa.field("lr", pa.float64(), nullable=False),  # learning rate used at this step
@@ -185,6 +219,14 @@ _ADDED_COLUMNS: dict[str, Any] = {
     "selected": True,
     "intermediate_layers": [],
     "intermediate_radius": None,
+    # version 3: rows before it were whole inputs, never faces of a photo
+    "face_index": None,
+    "face_box": None,
+    "face_landmarks": None,
+    "face_score": None,
+    "face_recipe": None,
+    "photo_output_key": None,
+    "upscale": None,
 }
 
 
@@ -243,6 +285,27 @@ def _fit_box(value: Any) -> Any:
     raise ManifestError(f"fit_box must be (left, top, right, bottom) or a dict, not {value!r}")
 
 
+def _face_box(value: Any) -> Any:
+    """Accept an (x0, y0, x1, y1) tuple as well as a dict."""
+    if value is None or isinstance(value, Mapping):
+        return value
+    try:
+        x0, y0, x1, y1 = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"face_box must be (x0, y0, x1, y1) or a dict, not {value!r}") from None
+    return {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
+def _face_landmarks(value: Any, i: int) -> list[float]:
+    """5 (x, y) points, as a (5, 2) array or 10 numbers, -> a flat list of 10 floats."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    if flat.size != LANDMARK_VALUES or not np.isfinite(flat).all():
+        raise ManifestError(
+            f"samples row {i}: face_landmarks must be 5 finite (x, y) points, got {value!r}"
+        )
+    return flat.tolist()
+
+
 def samples_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Validate sample rows (one dict per (input, sample)) into a SAMPLES_SCHEMA table.
 
@@ -264,8 +327,14 @@ def samples_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             raise ManifestError(f"samples row {i}: status {row['status']!r} not in {STATUSES}")
         if row["status"] == "failed" and not row.get("error"):
             raise ManifestError(f"samples row {i}: a failed row needs an error message")
+        if row["status"] == "no-faces" and not row.get("error"):
+            raise ManifestError(f"samples row {i}: a no-faces row needs its reason (in error)")
         if "fit_box" in row:
             row["fit_box"] = _fit_box(row["fit_box"])
+        if "face_box" in row:
+            row["face_box"] = _face_box(row["face_box"])
+        if row.get("face_landmarks") is not None:
+            row["face_landmarks"] = _face_landmarks(row["face_landmarks"], i)
     return _to_table(checked, SAMPLES_SCHEMA, "samples")
 
 
@@ -398,11 +467,20 @@ def _winner_mask(
         changed = None
         for column in keys:
             col = sorted_keys.column(column).combine_chunks()
-            diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+            diff = _differs(col.slice(1), col.slice(0, n - 1))
             changed = diff if changed is None else pc.or_(changed, diff)
         first = pa.concat_arrays([first, changed])
     keep = pc.array_take(first, pc.sort_indices(indices))  # back to the original row order
     return keep
+
+
+def _differs(a: pa.Array, b: pa.Array) -> pa.Array:
+    """a != b element-wise, with null equal to null (face_index is None for whole inputs)."""
+    diff = pc.not_equal(a, b)
+    if not a.null_count and not b.null_count:
+        return diff
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.if_else(both_null, False, pc.fill_null(diff, True))
 
 
 _NEWEST_FIRST = [
@@ -413,10 +491,10 @@ _NEWEST_FIRST = [
 ]
 # What the per-input rule reads: the sample identity, who wrote the row, when, and whether the
 # input was restored. Reconciling reads only these columns of every part.
-RULE_COLUMNS = ("input_key", "sample_index", "status", "created_at", "run_id")
+RULE_COLUMNS = ("input_key", "face_index", "sample_index", "status", "created_at", "run_id")
 _WRITER = ("input_key", "run_id", "_part")  # one batch of one run's rows for one input
 _WRITER_RANK = [
-    ("_ok", "descending"),  # restored the input: beats any writer that failed it
+    ("_ok", "descending"),  # handled the input (ok or no-faces): beats any writer that failed it
     ("_newest", "descending"),  # then the newest batch
     ("run_id", "descending"),  # then fixed tie-breaks, so every reader picks the same writer
     ("_part", "descending"),
@@ -433,9 +511,9 @@ def _keep_mask(rows: pa.Table) -> pa.Array:
 
     `rows` has `RULE_COLUMNS` plus the `_part`/`_row` position columns. A writer is the
     (run_id, part) that wrote an input's rows. Per input_key the winner is the newest writer with
-    an "ok" row; a writer without one (the input failed there) wins only when no writer restored
-    the input. Inside the winner, one row per sample_index (newest first), in case a part holds
-    repeats. Vectorised (group-by, join, sorts): no Python loop over rows.
+    an "ok" or "no-faces" row; a writer without one (the input failed there) wins only when no
+    writer handled the input. Inside the winner, one row per (face_index, sample_index) (newest
+    first), in case a part holds repeats. Vectorised (group-by, join, sorts): no Python loop.
     """
     n = rows.num_rows
     if n == 0:
@@ -446,7 +524,7 @@ def _keep_mask(rows: pa.Table) -> pa.Array:
             "input_key": rows.column("input_key"),
             "run_id": rows.column("run_id"),
             "_part": rows.column("_part"),
-            "ok": pc.equal(rows.column("status"), "ok"),
+            "ok": pc.is_in(rows.column("status"), value_set=pa.array(DONE_STATUSES)),
             "created_at": rows.column("created_at"),
         }
     )
@@ -647,6 +725,17 @@ class RowContext:
 
 
 @dataclass(frozen=True)
+class FaceRecord:
+    """Where one face of a whole photo was, and how it was framed (the face columns)."""
+
+    index: int  # k: the face's position in the detector's list (left to right)
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1), photo pixel coordinates
+    landmarks: tuple[float, ...]  # 10 values: 5 (x, y) points in photo pixel coordinates
+    score: float  # the detector's face probability
+    recipe: str  # "ffhq" | "digiface"
+
+
+@dataclass(frozen=True)
 class InputRecord:
     """How an input became the LR image that was searched (the provenance columns)."""
 
@@ -657,6 +746,21 @@ class InputRecord:
     fit_policy: str
     fit_box: tuple[int, int, int, int] | None  # region of the input used; None = whole image
     conversions: tuple[str, ...]
+    face: FaceRecord | None = None  # None: the input was searched whole
+    photo_output_key: str | None = None  # faces=paste: the photo with the faces pasted back
+    upscale: int | None = None  # its enlargement
+
+
+def _face_columns(face: FaceRecord | None) -> dict[str, Any]:
+    if face is None:
+        return {}
+    return {
+        "face_index": face.index,
+        "face_box": face.box,
+        "face_landmarks": list(face.landmarks),
+        "face_score": face.score,
+        "face_recipe": face.recipe,
+    }
 
 
 def failed_rows(
@@ -679,6 +783,39 @@ def failed_rows(
     ]
 
 
+def no_faces_rows(
+    ctx: RowContext,
+    input_key: str,
+    reason: str,
+    checksum: str,
+    conversions: Sequence[str] = (),
+    *,
+    photo_output_key: str | None = None,
+    upscale: int | None = None,
+) -> list[dict[str, Any]]:
+    """The one row of a photo in which the faces stage found no face: done, with the reason.
+
+    One row (sample 0, face_index None) rather than one per sample: there is nothing per sample
+    to record, and its status alone makes discovery count the photo as done.
+    """
+    return [
+        {
+            **_context_columns(ctx),
+            "input_key": input_key,
+            "input_checksum": checksum,
+            "conversions": list(conversions),
+            "seed": 0,
+            "sample_index": 0,
+            "method": "restart",
+            "converged": False,
+            "photo_output_key": photo_output_key,
+            "upscale": upscale,
+            "status": "no-faces",
+            "error": reason,
+        }
+    ]
+
+
 def sample_rows(
     ctx: RowContext,
     record: InputRecord,
@@ -696,6 +833,9 @@ def sample_rows(
         "fit_policy": record.fit_policy,
         "fit_box": record.fit_box,
         "conversions": list(record.conversions),
+        **_face_columns(record.face),
+        "photo_output_key": record.photo_output_key,
+        "upscale": record.upscale,
     }
     rows = []
     for s in attempts:
@@ -727,8 +867,10 @@ def sample_rows(
     return rows
 
 
-def loss_rows(run_id: str, input_key: str, attempts: Sequence[Any]) -> list[dict[str, Any]]:
-    """The per-step history of every attempt of one input."""
+def loss_rows(
+    run_id: str, input_key: str, attempts: Sequence[Any], face_index: int | None = None
+) -> list[dict[str, Any]]:
+    """The per-step history of every attempt of one input (or of one face of a photo)."""
     rows = []
     for s in attempts:
         h = s.history
@@ -737,6 +879,7 @@ def loss_rows(run_id: str, input_key: str, attempts: Sequence[Any]) -> list[dict
                 {
                     "run_id": run_id,
                     "input_key": input_key,
+                    "face_index": face_index,
                     "sample_index": s.index,
                     "step": step,
                     "lr": h["lr"][step],
@@ -815,7 +958,7 @@ def finalize_run(dest: Storage, run_id: str) -> RunFiles:
 # A row's identity in a run manifest: the merge keeps one row per identity.
 RUN_ROW_IDENTITY: dict[str, tuple[str, ...]] = {
     "samples": KEY_COLUMNS,
-    "losses": ("input_key", "sample_index", "step"),
+    "losses": ("input_key", "face_index", "sample_index", "step"),
 }
 
 
@@ -873,6 +1016,10 @@ def _union_rows(tables: Sequence[pa.Table], kind: str) -> pa.Table:
 def _conform_to(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
     if schema is SAMPLES_SCHEMA:
         return _conform(table, what)
+    if "face_index" not in table.column_names:  # losses of version 2: whole inputs only
+        table = table.append_column(
+            schema.field("face_index"), pa.nulls(table.num_rows, pa.int32())
+        )
     try:
         return table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:

@@ -16,10 +16,10 @@ import heapq
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import pyarrow as pa
@@ -28,12 +28,16 @@ import torch
 
 from pulse_core.devices import pick_device
 from pulse_core.errors import PulseError
+from pulse_core.faces import AlignedFace, align_faces, detect_faces, load_mtcnn, paste_faces
+from pulse_core.faces.photo import as_rgb_array
 from pulse_core.generators.base import Generator
 from pulse_core.generators.loading import load_counts, load_generator
 from pulse_core.imaging import LoadedImage, PreparedInput, load_image, prepare_input
 from pulse_core.manifest import (
+    DONE_STATUSES,
     INDEX_PREFIX,
     RUNS_PREFIX,
+    FaceRecord,
     InputRecord,
     RowContext,
     RunFiles,
@@ -43,6 +47,7 @@ from pulse_core.manifest import (
     iter_index_parts,
     loss_rows,
     losses_table,
+    no_faces_rows,
     read_manifest,
     sample_rows,
     samples_table,
@@ -50,16 +55,18 @@ from pulse_core.manifest import (
     write_parquet,
 )
 from pulse_core.render import (
+    FACE_FOLDER,
     OUTPUT_NAME,
     output_base,
     remove_stale_outputs,
     sample_keys,
     write_outputs,
+    write_photo,
     written_keys,
 )
 from pulse_core.restore import RestoreResult, restore_many
 from pulse_core.settings import RestoreSettings
-from pulse_core.storage import Storage, is_transient
+from pulse_core.storage import Storage, is_transient, validate_key
 
 # One list of input suffixes for every entry point (a GIF's first frame is used, and recorded).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -85,8 +92,17 @@ LIST_CHUNK = 65_536  # listed keys turned into one Arrow array at a time (~5 MB 
 MATCH_ROWS = 1_000_000  # keys matched against the listing at once: each match builds one hash
 # table of the listing (0.3 s for 1M keys), so blocks of 1M rows keep a 4M-row index at 4 builds
 # while a block (its keys, flags and that hash table) stays near 150 MB
-INDEX_COLUMNS = ("input_key", "sample_index", "status", "output_key", "created_at", "run_id")
-# dest's HR sample PNGs: `<output folder>/sample-<k>.png`, k written without leading zeros
+INDEX_COLUMNS = (
+    "input_key",
+    "face_index",
+    "sample_index",
+    "status",
+    "output_key",
+    "created_at",
+    "run_id",
+)
+# dest's HR sample PNGs: `<output folder>/sample-<k>.png`, k written without leading zeros; a
+# face's output folder is `<photo's folder>/face-<i>`, so `base` is that folder for face samples
 _SAMPLE_PNG = r"(?s)^(?P<base>.*)/sample-(?P<k>0|[1-9][0-9]{0,8})\.png$"
 
 
@@ -185,11 +201,15 @@ def discover(
     """List images in source; skip those whose samples are all in dest's index and storage.
 
     An input counts as done when dest's index (as `read_index` resolves it) holds "ok" rows for
-    its samples 0..samples-1 and their PNGs exist. Failed or partial inputs are pending again,
-    so a re-run resumes. `limit` keeps the first `limit` pending keys (list slicing semantics).
+    its samples 0..samples-1 and their PNGs exist; for a whole photo of the faces stage, when
+    every face in its rows has them (each face one (face_index) group), or when its row says
+    "no-faces". Failed or partial inputs are pending again, so a re-run resumes. Whether an input
+    is a photo is read from its rows, not from the settings: switching `faces` on for a dest
+    restored without it redoes nothing unless `force`. `limit` keeps the first `limit` pending
+    keys (list slicing semantics).
 
     Memory grows with the archive only through compact arrays: about 100 bytes per listed key
-    (the key, its output folder, codes) and 26 per index row of a listed input, never a Python
+    (the key, its output folder, codes) and 31 per index row of a listed input, never a Python
     object per key or row (see the section comment for the measured numbers). Time is
     dominated by the two listings (source's keys, dest's PNGs).
     """
@@ -229,8 +249,8 @@ def listed_inputs(source: Storage, dest: Storage) -> pa.Array:
     """Source's image keys, sorted, without dest's own outputs and manifests (one Arrow array).
 
     dest == source: manifests (`_runs/`, `_manifest/`) and the PNGs written in an input's output
-    folder (`<stem>/sample-<k>.png`, `-lr.png`, `sheet.png` next to `<stem>.<ext>`) are not
-    inputs. dest below source (`source/restored`): nothing under dest is an input. Without this,
+    folder (`<stem>/sample-<k>.png`, `-lr.png`, `sheet.png`, `restored.png` next to
+    `<stem>.<ext>`, and the same names in its faces' `<stem>/face-<i>/`) are not inputs. dest below source (`source/restored`): nothing under dest is an input. Without this,
     every re-run would take the previous run's outputs for new inputs.
 
     The listing is streamed: only kept keys are held, as Arrow arrays (the 9 PNGs a restored
@@ -283,12 +303,13 @@ class _OutputFolders:
         self._root = False  # an input `.png` (stem "") makes top-level output names outputs
 
     def holds(self, key: str) -> bool:
-        """True when `key` is an output in the folder of an input listed before it."""
+        """True when `key` is an output in the folder (or a face folder) of an earlier input."""
         while self._ends and self._ends[0][0] <= key:
             self._open.discard(heapq.heappop(self._ends)[1])
         folder, _, name = key.rpartition("/")
         if OUTPUT_NAME.match(name):
-            return self._root if folder == "" else folder in self._open
+            face = FACE_FOLDER.match(folder)
+            return self._is_open(folder) or (face is not None and self._is_open(face["parent"]))
         base = output_base(key)
         if base == "":
             self._root = True
@@ -297,6 +318,9 @@ class _OutputFolders:
             heapq.heappush(self._ends, (base + "0", base))
         return False
 
+    def _is_open(self, folder: str | None) -> bool:
+        return self._root if not folder else folder in self._open
+
 
 def _output_bases(keys: pa.Array) -> pa.Array:
     """`output_base` of every key, vectorised: the last `.<ext>` of the file name removed."""
@@ -304,14 +328,20 @@ def _output_bases(keys: pa.Array) -> pa.Array:
 
 
 def _in_output_folders(keys: pa.Array) -> pa.Array:
-    """Mask of keys named like an output inside another key's output folder (vectorised rule)."""
+    """Mask of keys named like an output in another key's output (or face) folder, vectorised."""
     names = pc.replace_substring_regex(keys, r"(?s)^.*/", "")
     is_output = pc.match_substring_regex(names, OUTPUT_NAME.pattern)
     folders = pc.if_else(
         pc.match_substring(keys, "/"), pc.replace_substring_regex(keys, r"/[^/]*$", ""), ""
     )
+    parents = pc.struct_field(pc.extract_regex(folders, FACE_FOLDER.pattern), "parent")
+    in_face_folder = pc.match_substring_regex(folders, FACE_FOLDER.pattern)
     bases = pc.unique(_output_bases(keys.filter(pc.invert(is_output))))
-    return pc.and_(is_output, pc.is_in(folders, value_set=bases))
+    in_base = pc.or_(
+        pc.is_in(folders, value_set=bases),
+        pc.and_(in_face_folder, pc.is_in(parents, value_set=bases)),
+    )
+    return pc.and_(is_output, in_base)
 
 
 def _collisions(keys: pa.Array, base_codes: np.ndarray) -> dict[str, str]:
@@ -335,17 +365,19 @@ def _collisions(keys: pa.Array, base_codes: np.ndarray) -> dict[str, str]:
 
 @dataclass
 class _IndexRows:
-    """Dest's index reduced to what discovery needs: 26 bytes a row, in numpy arrays.
+    """Dest's index reduced to what discovery needs: 31 bytes a row, in numpy arrays.
 
     Rows of inputs not in the listing are dropped while reading. `good`: status "ok", sample in
-    range and output key the derived `<output folder>/sample-<k>.png` (its existence is checked
-    against dest's listing). An "ok" row with any other output key (none today) is kept in
-    `odd_keys` and checked on its own.
+    range and output key the derived `<output folder>/sample-<k>.png` (a face's output folder
+    for a face row; its existence is checked against dest's listing). An "ok" row with any
+    other output key (none today) is kept in `odd_keys` and checked on its own.
     """
 
     pos: np.ndarray  # int32: the input's position in the listing
+    face: np.ndarray  # int32: face_index; -1 = a whole input (face_index None)
     sample: np.ndarray  # int32: sample_index
-    ok: np.ndarray  # bool: status == "ok"
+    handled: np.ndarray  # bool: status "ok" or "no-faces" (DONE_STATUSES)
+    nofaces: np.ndarray  # bool: status == "no-faces"
     good: np.ndarray  # bool
     created: np.ndarray  # int64: created_at, us since the epoch
     run: np.ndarray  # int32: code into `runs`
@@ -367,16 +399,61 @@ def _done_inputs(
     current = _current_rows(rows, len(keys), keys, samples)
     good = np.flatnonzero(current & rows.good)
     odd = [i for i in rows.odd_keys if current[i]]
-    if not len(good) and not odd:
-        return done
     complete = np.zeros(len(rows.pos), dtype=bool)
     if len(good):
-        listed = _listed_samples(dest, bases, samples)
-        complete[good] = listed[base_codes[rows.pos[good]], rows.sample[good]]
+        folders, codes = _sample_folders(rows, good, base_codes, bases)
+        listed = _listed_samples(dest, folders, samples)
+        complete[good] = listed[codes, rows.sample[good]]
     for i in odd:
         complete[i] = dest.exists(rows.odd_keys[i])
-    counts = np.bincount(rows.pos[complete], minlength=len(keys))
-    return counts >= samples  # one current row per (input, sample < samples): == samples
+    return _complete_inputs(rows, current, complete, len(keys), samples)
+
+
+def _sample_folders(
+    rows: _IndexRows, good: np.ndarray, base_codes: np.ndarray, bases: pa.Array
+) -> tuple[pa.Array, np.ndarray]:
+    """(output folders to match PNGs against, each `good` row's code into them).
+
+    Whole inputs use their input's folder (`bases`); face rows `<folder>/face-<i>`, built only
+    for those rows and appended after `bases`, so an archive without faces builds nothing.
+    """
+    codes = base_codes[rows.pos[good]].astype(np.int64)
+    faces = rows.face[good] >= 0
+    if not faces.any():
+        return bases, codes
+    text = bases.type
+    face_rows = good[faces]
+    named = pc.binary_join_element_wise(
+        bases.take(pa.array(base_codes[rows.pos[face_rows]])),
+        pa.scalar("/face-", text),
+        pc.cast(pa.array(rows.face[face_rows]), text),
+        pa.scalar("", text),
+    )
+    encoded = pc.dictionary_encode(named)
+    codes[faces] = len(bases) + encoded.indices.to_numpy(zero_copy_only=False)
+    return pa.concat_arrays([bases, encoded.dictionary.cast(text)]), codes
+
+
+def _complete_inputs(
+    rows: _IndexRows, current: np.ndarray, complete: np.ndarray, n_keys: int, samples: int
+) -> np.ndarray:
+    """Inputs whose every face group (or the whole input) has `samples` complete rows.
+
+    Current rows are unique per (input, face, sample < samples), so an input with g groups
+    (distinct face_index among its current rows; a whole input is one group) is complete when
+    it has exactly g x samples complete rows. A current "no-faces" row makes its photo done.
+    """
+    counts = np.bincount(rows.pos[complete], minlength=n_keys)
+    span = int(rows.face.max()) + 2 if len(rows.face) else 1  # face + 1 in 0 .. span - 1
+    pos = rows.pos[current].astype(np.int64)
+    if span == 1:  # no face rows: one group per input with current rows
+        groups = (np.bincount(pos, minlength=n_keys) > 0).astype(np.int64)
+    else:
+        pairs = np.unique(pos * span + rows.face[current] + 1)
+        groups = np.bincount(pairs // span, minlength=n_keys)
+    nofaces = np.zeros(n_keys, dtype=bool)
+    nofaces[rows.pos[current & rows.nofaces]] = True
+    return nofaces | ((groups > 0) & (counts == samples * groups))
 
 
 def _read_index_rows(dest: Storage, keys: pa.Array, samples: int) -> _IndexRows | None:
@@ -426,11 +503,17 @@ def _compact_part(table: pa.Table, ordinal: int, runs: dict[str, int], samples: 
     """One part as its input keys plus flags and numbers (run ids coded through `runs`)."""
     text = pa.large_string()
     input_key = table.column("input_key").combine_chunks().cast(text)
+    face = table.column("face_index").combine_chunks()
     sample = table.column("sample_index").combine_chunks()
-    ok = pc.equal(table.column("status").combine_chunks(), "ok")
+    status = table.column("status").combine_chunks()
+    ok = pc.equal(status, "ok")
     in_range = pc.and_(pc.greater_equal(sample, 0), pc.less(sample, samples))
+    folder = _output_bases(input_key)
+    face_folder = pc.binary_join_element_wise(
+        folder, pa.scalar("/face-", text), pc.cast(face, text), pa.scalar("", text)
+    )  # null for whole inputs
     derived = pc.binary_join_element_wise(
-        _output_bases(input_key),
+        pc.coalesce(face_folder, folder),
         pa.scalar("/sample-", text),
         pc.cast(sample, text),
         pa.scalar(".png", text),
@@ -448,8 +531,10 @@ def _compact_part(table: pa.Table, ordinal: int, runs: dict[str, int], samples: 
     return pa.table(
         {
             "input_key": input_key,
+            "face_index": pc.fill_null(face, -1),
             "sample_index": sample,
-            "ok": ok,
+            "handled": pc.is_in(status, value_set=pa.array(DONE_STATUSES)),
+            "nofaces": pc.equal(status, "no-faces"),
             "good": pc.and_(claimed, same),
             "odd_key": pc.if_else(odd, output, pa.scalar(None, text)),
             "created": table.column("created_at").combine_chunks().cast(pa.int64()),
@@ -476,8 +561,10 @@ def _reduce_block(block: pa.Table, keys: pa.Array) -> dict[str, Any]:
 
     return {
         "pos": pos.filter(listed).to_numpy(zero_copy_only=False).astype(np.int32),
+        "face": numbers("face_index").astype(np.int32),
         "sample": numbers("sample_index").astype(np.int32),
-        "ok": numbers("ok"),
+        "handled": numbers("handled"),
+        "nofaces": numbers("nofaces"),
         "good": numbers("good"),
         "created": numbers("created"),
         "run": numbers("run"),
@@ -490,11 +577,11 @@ def _reduce_block(block: pa.Table, keys: pa.Array) -> dict[str, Any]:
 def _current_rows(rows: _IndexRows, n_keys: int, keys: pa.Array, samples: int) -> np.ndarray:
     """Mask of the rows `read_index` would return for samples 0..samples-1.
 
-    Almost every input has the rows of one writer (run + part) and one row per sample: those
-    rows are current as they are, which integer reductions decide (per input the lowest and
-    highest writer, per (input, sample) a count). The rest (re-runs not yet reconciled,
-    repeats) go through the index's own rule, `index_keep_mask`, a block of whole inputs at a
-    time, so the rule lives in one place and memory stays bounded.
+    Almost every input has the rows of one writer (run + part) and one row per (face, sample):
+    those rows are current as they are, which integer reductions decide (per input the lowest
+    and highest writer, per (input, face, sample) a count). The rest (re-runs not yet
+    reconciled, repeats) go through the index's own rule, `index_keep_mask`, a block of whole
+    inputs at a time, so the rule lives in one place and memory stays bounded.
     """
     in_range = (rows.sample >= 0) & (rows.sample < samples)
     run_rank = np.argsort(np.argsort(np.array(rows.runs, dtype=object))).astype(np.int64)
@@ -506,11 +593,7 @@ def _current_rows(rows: _IndexRows, n_keys: int, keys: pa.Array, samples: int) -
     del writer
     tangled_input = highest > lowest  # inputs without rows: -1 > max is False
     del lowest, highest
-    ids = rows.pos[in_range].astype(np.int64) * samples + rows.sample[in_range]
-    repeats = np.bincount(ids, minlength=n_keys * samples) > 1
-    del ids
-    tangled_input |= repeats.reshape(n_keys, samples).any(axis=1)
-    del repeats
+    tangled_input |= _repeated_inputs(rows, in_range, n_keys, samples)
     current = in_range & ~tangled_input[rows.pos]
     if tangled_input.any():
         tangled = np.flatnonzero(tangled_input[rows.pos])
@@ -518,6 +601,28 @@ def _current_rows(rows: _IndexRows, n_keys: int, keys: pa.Array, samples: int) -
         current[_rule_keep(rows, keys, tangled)] = True
         current &= in_range
     return current
+
+
+def _repeated_inputs(
+    rows: _IndexRows, in_range: np.ndarray, n_keys: int, samples: int
+) -> np.ndarray:
+    """Mask of inputs with two rows for one (face, sample < samples).
+
+    Without face rows, a count per (input, sample) cell (`bincount`, as fast as it gets); with
+    them the cells are too many to allocate (inputs x faces x samples), so the ids are sorted
+    and neighbours compared instead.
+    """
+    span = int(rows.face.max()) + 2 if len(rows.face) else 1
+    pos = rows.pos[in_range].astype(np.int64)
+    if span == 1:
+        ids = pos * samples + rows.sample[in_range]
+        repeats = np.bincount(ids, minlength=n_keys * samples) > 1
+        return repeats.reshape(n_keys, samples).any(axis=1)
+    ids = np.sort((pos * span + rows.face[in_range] + 1) * samples + rows.sample[in_range])
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    out = np.zeros(n_keys, dtype=bool)
+    out[repeated // (span * samples)] = True
+    return out
 
 
 def _rule_keep(rows: _IndexRows, keys: pa.Array, tangled: np.ndarray) -> np.ndarray:
@@ -534,8 +639,13 @@ def _rule_keep(rows: _IndexRows, keys: pa.Array, tangled: np.ndarray) -> np.ndar
         table = pa.table(
             {
                 "input_key": keys.take(pa.array(rows.pos[chunk])),
+                "face_index": pa.array(rows.face[chunk], pa.int32(), mask=rows.face[chunk] < 0),
                 "sample_index": pa.array(rows.sample[chunk], pa.int32()),
-                "status": pc.if_else(pa.array(rows.ok[chunk]), "ok", "failed"),
+                "status": pc.if_else(
+                    pa.array(rows.nofaces[chunk]),
+                    "no-faces",
+                    pc.if_else(pa.array(rows.handled[chunk]), "ok", "failed"),
+                ),
                 "created_at": pa.array(rows.created[chunk]).cast(pa.timestamp("us", tz="UTC")),
                 "run_id": runs.take(pa.array(rows.run[chunk])),
                 "_part": parts.take(pa.array(rows.part[chunk])),
@@ -615,6 +725,12 @@ def read_plan(dest: Storage, key: str) -> KeyList:
 
 # ----------------------------------------------------------------------------
 # One batch: decode -> restore -> render -> record
+#
+# With `settings.faces` "align" or "paste" an input is a whole photo: decoding finds and aligns
+# its faces (`decode_photos`), and each face is one search input beside every other face of the
+# batch, as an LR crop would be. Rendering writes each face's samples in its own folder
+# (`<photo>/face-<i>/`) and, with "paste", the photo with every face pasted back; recording
+# writes one row per (face, sample). A photo without faces is done, with status "no-faces".
 
 
 @dataclass
@@ -627,6 +743,7 @@ class SampleOutcome:
     converged: bool
     mse: float  # LR error at the best iterate
     output_key: str
+    face: int | None = None  # the face of the photo it restores; None = the input itself
 
 
 @dataclass
@@ -634,16 +751,18 @@ class InputOutcome:
     """One input's result in a batch, for tables, reports and the CLI."""
 
     input_key: str
-    status: str  # ok | failed
+    status: str  # ok | failed | no-faces (a photo without faces: done, reason in `error`)
     error: str | None
-    sample_count: int  # selected samples written
+    sample_count: int  # selected samples written (over all faces of a photo)
     converged_count: int  # of which converged (LR error <= eps)
     best_mse: float | None  # lowest LR error among its samples
     output_keys: list[str]
     conversions: list[str] = field(default_factory=list)  # how the input was normalised
-    lr_size: int | None = None  # side of the LR image searched
+    lr_size: int | None = None  # side of the LR image searched (None: a photo's faces vary)
     factor: int | None = None  # generator resolution / lr_size
     samples: list[SampleOutcome] = field(default_factory=list)
+    faces: int | None = None  # faces found in the photo; None = not run through the faces stage
+    photo_key: str | None = None  # faces=paste: the photo with its faces pasted back
 
 
 @dataclass
@@ -663,7 +782,11 @@ class BatchOutcome:
 
     @property
     def failed_count(self) -> int:
-        return sum(i.status != "ok" for i in self.inputs)
+        return sum(i.status == "failed" for i in self.inputs)
+
+    @property
+    def no_faces_count(self) -> int:
+        return sum(i.status == "no-faces" for i in self.inputs)
 
 
 @dataclass
@@ -673,6 +796,19 @@ class DecodedInput:
     key: str
     loaded: LoadedImage
     prepared: PreparedInput
+
+    @property
+    def label(self) -> str:
+        """The search's name for it (seeds derive from it): the input key."""
+        return self.key
+
+    @property
+    def lr(self) -> torch.Tensor:
+        return self.prepared.tensor
+
+    @property
+    def checksum(self) -> str:
+        return self.loaded.checksum
 
     def record(self) -> InputRecord:
         fit = self.prepared.fit
@@ -688,6 +824,70 @@ class DecodedInput:
 
 
 @dataclass
+class DecodedPhoto:
+    """A whole photo for the faces stage: its 8-bit pixels and the faces found in it."""
+
+    key: str
+    checksum: str  # sha256 of the photo's bytes
+    conversions: list[str]  # how it was normalised to RGB
+    rgb: np.ndarray  # (H, W, 3) uint8: 4x smaller than the float tensor, all paste-back needs
+    faces: list[AlignedFace]  # in the detector's order; [] = none found
+
+
+@dataclass
+class FaceInput:
+    """One face of a whole photo, aligned to the generator's frame: one search input."""
+
+    photo: DecodedPhoto
+    face: AlignedFace
+
+    @property
+    def key(self) -> str:
+        return self.photo.key
+
+    @property
+    def label(self) -> str:
+        """`photo.jpg#face-2`: seeds differ per face and stay stable across re-runs."""
+        return f"{self.photo.key}#face-{self.face.index}"
+
+    @property
+    def lr(self) -> torch.Tensor:
+        return self.face.lr
+
+    @property
+    def checksum(self) -> str:
+        return self.photo.checksum
+
+    def record(self, photo_output_key: str | None, upscale: int | None) -> InputRecord:
+        f = self.face
+        det = f.detected
+        return InputRecord(
+            key=self.photo.key,
+            checksum=self.photo.checksum,
+            lr_size=f.lr_size,
+            factor=f.factor,
+            fit_policy=FACE_FIT_POLICY,
+            fit_box=None,
+            conversions=tuple(self.photo.conversions),
+            face=FaceRecord(
+                index=f.index,
+                box=det.box,
+                landmarks=tuple(float(v) for v in det.landmarks.reshape(-1)),
+                score=det.score,
+                recipe=f.recipe,
+            ),
+            photo_output_key=photo_output_key,
+            upscale=upscale,
+        )
+
+
+SearchInput = DecodedInput | FaceInput
+_Decoded = TypeVar("_Decoded", DecodedInput, DecodedPhoto)
+FACE_FIT_POLICY = "align"  # fit_policy of face rows: aligned by a recipe (face_recipe column)
+NO_FACES_REASON = "no face found (detector min_face_size {size:g} px); nothing to restore"
+
+
+@dataclass
 class FailedInput:
     key: str
     reason: str
@@ -696,6 +896,28 @@ class FailedInput:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def read_input(key: str, source: Storage, collisions: dict[str, str] | None) -> bytes | FailedInput:
+    """An input's bytes, or why it cannot be used (transient storage errors propagate)."""
+    if collisions and key in collisions:
+        reason = (
+            f"output folder {output_base(key)!r} is also derived from {collisions[key]!r}; "
+            "rename one of them"
+        )
+        return FailedInput(key, reason)
+    try:
+        validate_key(output_base(key) + "/sheet.png")
+    except PulseError as exc:  # `.png`, `..png`, `sub/.png`: no folder can be named after it
+        return FailedInput(
+            key, f"no output folder can be named after this input ({exc}); rename it"
+        )
+    try:
+        return source.read_bytes(key)
+    except PulseError as exc:
+        if is_transient(exc):
+            raise
+        return FailedInput(key, f"cannot read input: {exc}")
 
 
 def decode_inputs(
@@ -709,48 +931,91 @@ def decode_inputs(
 
     Transient storage errors propagate (the batch is retried); every other error is the input's.
     """
-    decoded: list[DecodedInput] = []
+
+    def decode(key: str, data: bytes) -> DecodedInput:
+        loaded = load_image(data, name=key, max_pixels=settings.max_pixels)
+        return DecodedInput(key, loaded, prepare_input(loaded, resolution, settings.fit))
+
+    return _decode_each(keys, source, collisions, decode)
+
+
+def decode_photos(
+    keys: list[str],
+    source: Storage,
+    settings: RestoreSettings,
+    generator: Generator,
+    collisions: dict[str, str] | None = None,
+) -> tuple[list[DecodedPhoto], list[FailedInput]]:
+    """The faces stage's decode: each photo read whole, its faces detected and aligned.
+
+    Faces are framed for `generator` (its resolution, `settings.recipe_for` its family) and
+    their LR inputs made with the search's own forward operator, so DS(HR crop) == LR. The
+    detector runs on the generator's device. A photo the detector finds nothing in is returned
+    with `faces == []` (it is done, not failed). Without the MTCNN weights this raises
+    `FacesUnavailable` before reading anything: a missing asset is the run's problem, and
+    recording it as a failure of every photo would bury the one line that says how to fix it.
+    """
+    device = _device_of(generator)
+    load_mtcnn(device)  # FacesUnavailable (with `pulse models pull mtcnn`) before any photo
+    recipe = settings.recipe_for(generator.family)
+
+    def decode(key: str, data: bytes) -> DecodedPhoto:
+        loaded = load_image(data, name=key, max_pixels=settings.max_pixels)
+        rgb = as_rgb_array(loaded.tensor)  # kept instead of the float tensor: 4x smaller
+        found = detect_faces(rgb, min_face_size=settings.min_face_size, device=device)
+        aligned = align_faces(
+            rgb,
+            found,
+            generator.resolution,
+            recipe=recipe,  # type: ignore[arg-type]  # "ffhq" | "digiface", resolved
+            operator=settings.config.operator,
+        )
+        return DecodedPhoto(key, loaded.checksum, list(loaded.conversions), rgb, aligned)
+
+    return _decode_each(keys, source, collisions, decode)
+
+
+def _decode_each(
+    keys: list[str],
+    source: Storage,
+    collisions: dict[str, str] | None,
+    decode: Callable[[str, bytes], _Decoded],
+) -> tuple[list[_Decoded], list[FailedInput]]:
+    """`decode(key, bytes)` of each readable input; a PulseError fails that input only."""
+    decoded: list[_Decoded] = []
     failed: list[FailedInput] = []
     for key in keys:
-        if collisions and key in collisions:
-            reason = (
-                f"output folder {output_base(key)!r} is also derived from {collisions[key]!r}; "
-                "rename one of them"
-            )
-            failed.append(FailedInput(key, reason))
+        data = read_input(key, source, collisions)
+        if isinstance(data, FailedInput):
+            failed.append(data)
             continue
         try:
-            data = source.read_bytes(key)
-        except PulseError as exc:
-            if is_transient(exc):
-                raise
-            failed.append(FailedInput(key, f"cannot read input: {exc}"))
-            continue
-        try:
-            loaded = load_image(data, name=key, max_pixels=settings.max_pixels)
-            prepared = prepare_input(loaded, resolution, settings.fit)
+            decoded.append(decode(key, data))
         except PulseError as exc:
             failed.append(FailedInput(key, str(exc), _checksum(data)))
-            continue
-        decoded.append(DecodedInput(key, loaded, prepared))
     return decoded, failed
 
 
 def restore_decoded(
-    decoded: list[DecodedInput],
+    decoded: Sequence[SearchInput],
     generator: Generator,
     settings: RestoreSettings,
     on_step: StepCallback | None = None,
-) -> tuple[list[tuple[DecodedInput, RestoreResult]], list[FailedInput]]:
-    """Search every decoded input in shared batches; a search error fails these inputs only."""
+) -> tuple[list[tuple[Any, RestoreResult]], list[FailedInput]]:
+    """Search every input (LR crop or face) in shared batches; a search error fails them only.
+
+    Returns (input, result) pairs in the order given; the pairs' first items are the inputs
+    passed in (DecodedInput or FaceInput). Failed inputs come back once per input key, so the
+    faces of one photo fail together.
+    """
     if not decoded:
         return [], []
     try:
         results = restore_many(
-            [d.prepared.tensor for d in decoded],
+            [d.lr for d in decoded],
             generator,
             settings.samples,
-            keys=[d.key for d in decoded],
+            keys=[d.label for d in decoded],
             config=settings.config,
             seed=settings.seed,
             resample=settings.resample,
@@ -758,9 +1023,12 @@ def restore_decoded(
             on_step=on_step,
         )
     except (PulseError, RuntimeError) as exc:  # e.g. CUDA out of memory: fail rows, go on
-        return [], [FailedInput(d.key, f"search failed: {exc}", d.loaded.checksum) for d in decoded]
+        first = {d.key: d.checksum for d in decoded}
+        return [], [FailedInput(k, f"search failed: {exc}", c) for k, c in first.items()]
     for d, res in zip(decoded, results, strict=True):
-        res.conversions = list(d.prepared.conversions)
+        res.conversions = list(
+            d.prepared.conversions if isinstance(d, DecodedInput) else d.photo.conversions
+        )
     return list(zip(decoded, results, strict=True)), []
 
 
@@ -793,38 +1061,36 @@ def process_batch(
         device=device,
         created_at=datetime.now(UTC),
     )
-    decoded, failed = decode_inputs(input_keys, source, settings, generator.resolution, collisions)
+    photos: list[DecodedPhoto] = []
+    decoded: list[SearchInput] = []
+    if settings.faces == "none":
+        inputs, failed = decode_inputs(
+            input_keys, source, settings, generator.resolution, collisions
+        )
+        decoded += inputs
+    else:
+        photos, failed = decode_photos(input_keys, source, settings, generator, collisions)
+        decoded += [FaceInput(p, f) for p in photos for f in p.faces]
     restored, search_failed = restore_decoded(decoded, generator, settings, on_step)
     failed += search_failed
 
-    rows: list[dict[str, Any]] = []
-    losses: list[dict[str, Any]] = []
-    outcomes: dict[str, InputOutcome] = {}
-    for f in failed:
-        rows += failed_rows(ctx, f.key, f.reason, settings.samples, f.checksum)
-        outcomes[f.key] = InputOutcome(f.key, "failed", f.reason, 0, 0, None, [])
+    done = [record_failure(ctx, f, settings.samples) for f in failed]
+    faces_of: dict[str, list[tuple[FaceInput, RestoreResult]]] = {}
     for d, res in restored:
-        outputs = write_outputs(dest, d.key, res, generator.model_id)
-        remove_stale_outputs(dest, d.key, keep=written_keys(d.key, outputs))  # older runs' extras
-        rows += sample_rows(ctx, d.record(), res.attempts, outputs)
-        losses += loss_rows(run_id, d.key, res.attempts)
-        outcomes[d.key] = InputOutcome(
-            input_key=d.key,
-            status="ok",
-            error=None,
-            sample_count=len(res.samples),
-            converged_count=res.converged_count,
-            best_mse=min(s.mse for s in res.samples),
-            output_keys=[outputs[s.index][0] for s in res.samples],
-            conversions=list(res.conversions),
-            lr_size=d.prepared.lr_size,
-            factor=d.prepared.factor,
-            samples=[
-                SampleOutcome(s.index, s.seed, s.method, s.converged, s.mse, outputs[s.index][0])
-                for s in res.samples
-            ],
-        )
+        if isinstance(d, FaceInput):
+            faces_of.setdefault(d.key, []).append((d, res))
+        else:
+            done.append(render_input(dest, ctx, d, res))
+    failed_keys = {f.key for f in failed}
+    done += [
+        render_photo(dest, ctx, p, faces_of.get(p.key, []), settings)
+        for p in photos
+        if p.key not in failed_keys
+    ]
+    rows = [row for r in done for row in r.rows]
+    losses = [row for r in done for row in r.losses]
     write_batch_manifests(dest, run_id, batch_id, samples_table(rows), losses_table(losses))
+    outcomes = {r.outcome.input_key: r.outcome for r in done}
     return BatchOutcome(
         batch_id=batch_id,
         inputs=[outcomes[k] for k in input_keys],
@@ -835,6 +1101,114 @@ def process_batch(
         generator_id=generator.model_id,
         generator_checksum=generator.checksum,
     )
+
+
+# ----------------------------------------------------------------------------
+# Render and record: one input's (or photo's) PNGs written, its rows and outcome made
+
+
+@dataclass
+class Recorded:
+    """What one input adds to the batch: its samples and losses rows, and its outcome."""
+
+    rows: list[dict[str, Any]]
+    losses: list[dict[str, Any]]
+    outcome: InputOutcome
+
+
+def record_failure(ctx: RowContext, f: FailedInput, samples: int) -> Recorded:
+    rows = failed_rows(ctx, f.key, f.reason, samples, f.checksum)
+    return Recorded(rows, [], InputOutcome(f.key, "failed", f.reason, 0, 0, None, []))
+
+
+def render_input(dest: Storage, ctx: RowContext, d: DecodedInput, res: RestoreResult) -> Recorded:
+    """An LR input restored whole: its samples, LR checks and sheet, then its rows."""
+    outputs = write_outputs(dest, d.key, res, ctx.generator_id)
+    remove_stale_outputs(dest, d.key, keep=written_keys(d.key, outputs))  # older runs' extras
+    samples = _sample_outcomes(res, outputs, None)
+    outcome = InputOutcome(
+        input_key=d.key,
+        status="ok",
+        error=None,
+        sample_count=len(res.samples),
+        converged_count=res.converged_count,
+        best_mse=min(s.mse for s in res.samples),
+        output_keys=[s.output_key for s in samples],
+        conversions=list(res.conversions),
+        lr_size=d.prepared.lr_size,
+        factor=d.prepared.factor,
+        samples=samples,
+    )
+    rows = sample_rows(ctx, d.record(), res.attempts, outputs)
+    return Recorded(rows, loss_rows(ctx.run_id, d.key, res.attempts), outcome)
+
+
+def render_photo(
+    dest: Storage,
+    ctx: RowContext,
+    photo: DecodedPhoto,
+    faces: Sequence[tuple[FaceInput, RestoreResult]],
+    settings: RestoreSettings,
+) -> Recorded:
+    """A whole photo: each face's samples in `face-<i>/`, the pasted photo, one row per sample.
+
+    With faces=paste, `restored.png` is the photo enlarged by `settings.upscale` (Lanczos) with
+    each face's sample 0 (the best selected one) pasted back; a photo without faces gets the
+    plain enlargement, so every photo in has a photo out. Outputs of earlier runs that this one
+    did not write (a face no longer found, samples beyond `settings.samples`) are removed last.
+    """
+    pasted: str | None = None
+    upscale = settings.upscale if settings.faces == "paste" else None
+    if upscale is not None:
+        best = [res.samples[0].hr for _, res in faces]
+        image = paste_faces(photo.rgb, [f.face for f, _ in faces], best, upscale=upscale).image
+        pasted = write_photo(dest, photo.key, image, ctx.generator_id)
+    keep = {pasted} if pasted else set()
+    rows: list[dict[str, Any]] = []
+    losses: list[dict[str, Any]] = []
+    samples: list[SampleOutcome] = []
+    for f, res in faces:
+        index = f.face.index
+        outputs = write_outputs(dest, photo.key, res, ctx.generator_id, index)
+        keep |= written_keys(photo.key, outputs, index)
+        samples += _sample_outcomes(res, outputs, index)
+        rows += sample_rows(ctx, f.record(pasted, upscale), res.attempts, outputs)
+        losses += loss_rows(ctx.run_id, photo.key, res.attempts, index)
+    remove_stale_outputs(dest, photo.key, keep=keep)
+    if not faces:
+        reason = NO_FACES_REASON.format(size=settings.min_face_size)
+        rows = no_faces_rows(
+            ctx,
+            photo.key,
+            reason,
+            photo.checksum,
+            photo.conversions,
+            photo_output_key=pasted,
+            upscale=upscale,
+        )
+    outcome = InputOutcome(
+        input_key=photo.key,
+        status="ok" if faces else "no-faces",
+        error=None if faces else rows[0]["error"],
+        sample_count=len(samples),
+        converged_count=sum(s.converged for s in samples),
+        best_mse=min((s.mse for s in samples), default=None),
+        output_keys=[s.output_key for s in samples],
+        conversions=list(photo.conversions),
+        samples=samples,
+        faces=len(faces),
+        photo_key=pasted,
+    )
+    return Recorded(rows, losses, outcome)
+
+
+def _sample_outcomes(
+    res: RestoreResult, outputs: Mapping[int, tuple[str, str]], face: int | None
+) -> list[SampleOutcome]:
+    return [
+        SampleOutcome(s.index, s.seed, s.method, s.converged, s.mse, outputs[s.index][0], face)
+        for s in res.samples
+    ]
 
 
 def _checksum(data: bytes) -> str:
@@ -874,6 +1248,8 @@ class RunSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input key, reason), capped
     settings: dict[str, Any] = field(default_factory=dict)  # the effective RestoreSettings
     inputs: list[InputOutcome] = field(default_factory=list)  # the first 1,000 (failures kept)
+    no_faces: int = 0  # faces stage: photos with no face found (done; in neither ok nor failed)
+    faces_restored: int = 0  # faces stage: faces restored, over all photos
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -894,6 +1270,8 @@ class RunTally:
     attempted: int = 0
     ok: int = 0
     failed: int = 0
+    no_faces: int = 0  # photos without faces: handled (done), counted apart from ok and failed
+    faces_restored: int = 0  # faces restored in ok photos
     converged_input_count: int = 0
     samples_written: int = 0
     batches: int = 0
@@ -912,8 +1290,11 @@ class RunTally:
             self.attempted += 1
             if item.status == "ok":
                 self.ok += 1
+                self.faces_restored += item.faces or 0
                 self.converged_input_count += item.converged_count > 0
                 self.samples_written += len(item.output_keys)
+            elif item.status == "no-faces":
+                self.no_faces += 1
             else:
                 self.failed += 1
                 if len(self.failures) < self.keep_failures:
@@ -923,9 +1304,9 @@ class RunTally:
     def _keep(self, item: InputOutcome) -> None:
         if len(self.inputs) < self.keep_inputs:
             self.inputs.append(item)
-        elif item.status != "ok":  # a failure displaces the last kept success, if any
+        elif item.status == "failed":  # a failure displaces the last kept success, if any
             for i in range(len(self.inputs) - 1, -1, -1):
-                if self.inputs[i].status == "ok":
+                if self.inputs[i].status != "failed":
                     self.inputs[i] = item
                     break
 
@@ -969,6 +1350,8 @@ def summarise(
         failures=tally.failures,
         settings=asdict(settings.resolved()),
         inputs=tally.inputs,
+        no_faces=tally.no_faces,
+        faces_restored=tally.faces_restored,
     )
 
 
@@ -976,7 +1359,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "BatchOutcome",
     "DecodedInput",
+    "DecodedPhoto",
     "Discovery",
+    "FaceInput",
     "FailedInput",
     "InputOutcome",
     "KeyList",
@@ -985,6 +1370,7 @@ __all__ = [
     "RunTally",
     "SampleOutcome",
     "decode_inputs",
+    "decode_photos",
     "discover",
     "finalize_run",
     "listed_inputs",

@@ -15,6 +15,7 @@ allowed); it does not change a single output pixel, which is why it is kept apar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
@@ -39,6 +40,9 @@ Device = Literal[
 ]  # a dropdown in the Prefect form; more GPUs per box: one worker each, CUDA_VISIBLE_DEVICES
 TaskRunner = Literal["threads", "dask"]
 TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunner)
+FaceMode = Literal["none", "align", "paste"]
+FaceRecipe = Literal["auto", "ffhq", "digiface"]
+MAX_UPSCALE = 16  # a 4000 px photo at x16 is 64000 px wide: far past what anyone means
 assert set(get_args(FitPolicy)) == set(FIT_POLICIES), "FitPolicy lists imaging's policies"
 
 
@@ -64,6 +68,23 @@ class RestoreSettings:
     device: Device = option("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     search_batch: int = option(32, "search rows (inputs x samples) per forward pass")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest input (width x height) decoded")
+    faces: FaceMode = option(
+        "none",
+        "whole photos: none (every input is an LR face crop), align (find, align and restore "
+        "each face of each photo) or paste (align, then paste the restored faces into the "
+        "upscaled photo, DEST/<photo>/restored.png)",
+    )
+    upscale: int = option(2, "with faces=paste: the whole photo's enlargement (Lanczos background)")
+    min_face_size: float = option(
+        20.0,
+        "with faces: smallest face side the detector searches, in photo pixels (< 12 "
+        "enlarges the photo to find tiny faces)",
+    )
+    face_recipe: FaceRecipe = option(
+        "auto",
+        "with faces: how a face is framed for the generator: auto (digiface for the demo's DCGAN "
+        "family, ffhq for StyleGAN families), ffhq or digiface",
+    )
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -83,9 +104,36 @@ class RestoreSettings:
             raise ConfigError(
                 f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N (N < 8) or mps"
             )
+        self._check_faces()
         preset(self.preset)  # an unknown preset fails here, with the choices
         if isinstance(self.search, dict):  # built from JSON without pydantic
             object.__setattr__(self, "search", SearchConfig(**self.search))
+
+    def _check_faces(self) -> None:
+        if self.faces not in get_args(FaceMode):
+            raise ConfigError(
+                f"unknown faces mode {self.faces!r}; choose one of: none, align, paste"
+            )
+        if self.face_recipe not in get_args(FaceRecipe):
+            raise ConfigError(
+                f"unknown face recipe {self.face_recipe!r}; choose one of: auto, ffhq, digiface"
+            )
+        if isinstance(self.upscale, bool) or not isinstance(self.upscale, int):
+            raise ConfigError(f"upscale must be an integer, got {self.upscale!r}")
+        if not 1 <= self.upscale <= MAX_UPSCALE:
+            raise ConfigError(f"upscale must be between 1 and {MAX_UPSCALE}, got {self.upscale}")
+        if not math.isfinite(self.min_face_size) or self.min_face_size <= 0:
+            raise ConfigError(f"min_face_size must be > 0 pixels, got {self.min_face_size!r}")
+
+    def recipe_for(self, family: str) -> str:
+        """The alignment recipe for a generator family: `face_recipe`, with "auto" resolved.
+
+        auto: "digiface" for the demo's DCGAN (trained on DigiFace-1M's tight crops), "ffhq"
+        for everything else (the StyleGAN face models are FFHQ-aligned).
+        """
+        if self.face_recipe != "auto":
+            return self.face_recipe
+        return "digiface" if family == "dcgan" else "ffhq"
 
     @property
     def config(self) -> SearchConfig:
@@ -159,6 +207,8 @@ class PipelineOptions:
 __all__ = [
     "TASK_RUNNERS",
     "Device",
+    "FaceMode",
+    "FaceRecipe",
     "FitPolicy",
     "PipelineOptions",
     "RestoreSettings",

@@ -56,6 +56,6 @@ def restore_batch(
         outcome.worker,
     )
     for item in outcome.inputs:
-        if item.status != "ok":
+        if item.status == "failed":
             logger.warning("failed %s: %s", item.input_key, item.error)
     return outcome

@@ -444,3 +444,163 @@ def test_reconcile_never_rewrites_a_part_from_a_newer_schema(dest: LocalStorage)
     with pytest.raises(ManifestError, match="newer than this code"):
         append_to_index(dest, samples_table([sample_row("a.png", 0, created_at=T0)]), "run-1")
     assert pq.read_table(dest.local_path(part_key("from-the-future"))).equals(newer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema version 3: faces of whole photos, the "no-faces" status, upgrading version 2 files
+
+V3_SAMPLES_COLUMNS = (
+    "face_index",
+    "face_box",
+    "face_landmarks",
+    "face_score",
+    "face_recipe",
+    "photo_output_key",
+    "upscale",
+)
+LANDMARKS = [[10.0, 20.0], [30.0, 20.0], [20.0, 30.0], [12.0, 40.0], [28.0, 40.0]]
+
+
+def face_row(input_key: str, face: int, sample: int, **overrides: Any) -> dict:
+    """An ok row of one face of a whole photo (folders as the pipeline writes them)."""
+    base = input_key.rsplit(".", 1)[0]
+    row = sample_row(
+        input_key,
+        sample,
+        output_key=f"{base}/face-{face}/sample-{sample}.png",
+        lr_check_key=f"{base}/face-{face}/sample-{sample}-lr.png",
+        fit_policy="align",
+        fit_box=None,
+        face_index=face,
+        face_box=(5.0 + 40 * face, 10.0, 35.0 + 40 * face, 45.0),
+        face_landmarks=LANDMARKS,
+        face_score=0.99,
+        face_recipe="digiface",
+        photo_output_key=f"{base}/restored.png",
+        upscale=2,
+    )
+    row.update(overrides)
+    return row
+
+
+def no_faces_row(input_key: str, **overrides: Any) -> dict:
+    row = failed_row(input_key, status="no-faces", error="no face found", created_at=T0)
+    row.update(overrides)
+    return row
+
+
+def as_version_2(table: pa.Table, losses: bool = False) -> pa.Table:
+    """`table` as a version 2 build wrote it: no face columns, version 2 in data and metadata."""
+    dropped = ("face_index",) if losses else V3_SAMPLES_COLUMNS
+    table = table.drop_columns(list(dropped))
+    version = pa.array([2] * table.num_rows, pa.int32())
+    table = table.set_column(0, table.schema.field(0), version)
+    name = b"losses" if losses else b"samples"
+    return table.replace_schema_metadata({b"pulse.schema": name, b"pulse.schema_version": b"2"})
+
+
+def identities3(table: pa.Table) -> list[tuple[str, int | None, int, str]]:
+    cols = ("input_key", "face_index", "sample_index", "run_id")
+    rows = zip(*(table.column(c).to_pylist() for c in cols), strict=True)
+    return sorted(rows, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2], r[3]))
+
+
+def test_face_rows_keep_box_and_landmarks_in_photo_coordinates() -> None:
+    table = samples_table([face_row("p.jpg", 1, 0)])
+    row = table.to_pylist()[0]
+    assert row["face_index"] == 1
+    assert row["face_box"] == {"x0": 45.0, "y0": 10.0, "x1": 75.0, "y1": 45.0}
+    assert row["face_landmarks"] == [v for point in LANDMARKS for v in point]
+    assert table.schema.field("face_landmarks").type == pa.list_(pa.float32())
+    assert table.schema.field("face_box").type.field("x0").type == pa.float32()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"face_landmarks": [1.0, 2.0, 3.0]}, "5 finite"),
+        ({"face_landmarks": [[float("nan"), 0.0]] * 5}, "5 finite"),
+        ({"face_box": "left"}, "face_box"),
+    ],
+)
+def test_bad_face_columns_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        samples_table([face_row("p.jpg", 0, 0, **overrides)])
+
+
+def test_a_no_faces_row_needs_its_reason() -> None:
+    assert samples_table([no_faces_row("rocket.jpg")]).column("status").to_pylist() == ["no-faces"]
+    with pytest.raises(ManifestError, match="no-faces row needs its reason"):
+        samples_table([no_faces_row("rocket.jpg", error=None)])
+
+
+def test_faces_of_one_photo_are_distinct_identities_in_the_index(dest: LocalStorage) -> None:
+    rows = [face_row("p.jpg", f, k) for f in range(3) for k in range(2)]
+    rows.append(sample_row("p.jpg", 0, run_id="run-0", created_at=T0 - timedelta(days=1)))
+    append_to_index(dest, samples_table(rows), "run-1")
+    got = identities3(read_index(dest))
+    assert got == [("p.jpg", f, k, "run-1") for f in range(3) for k in range(2)]
+    assert identities3(raw_dataset(dest)) == got  # the older whole-input row was replaced
+
+
+def test_a_rerun_that_finds_fewer_faces_replaces_every_face_row(dest: LocalStorage) -> None:
+    append_to_index(dest, samples_table([face_row("p.jpg", f, 0) for f in range(3)]), "run-1")
+    later = T0 + timedelta(hours=1)
+    redo = [face_row("p.jpg", 0, 0, run_id="run-2", created_at=later)]
+    append_to_index(dest, samples_table(redo), "run-2")
+    assert identities3(raw_dataset(dest)) == [("p.jpg", 0, 0, "run-2")]
+
+
+def test_a_failure_never_displaces_a_no_faces_result(dest: LocalStorage) -> None:
+    append_to_index(dest, samples_table([no_faces_row("rocket.jpg")]), "run-1")
+    later = failed_row("rocket.jpg", run_id="run-2", created_at=T0 + timedelta(hours=1))
+    append_to_index(dest, samples_table([later]), "run-2")
+    assert read_index(dest).column("status").to_pylist() == ["no-faces"]
+    found = face_row("rocket.jpg", 0, 0, run_id="run-3", created_at=T0 + timedelta(hours=2))
+    append_to_index(dest, samples_table([found]), "run-3")  # a better detector found one
+    assert identities3(raw_dataset(dest)) == [("rocket.jpg", 0, 0, "run-3")]
+
+
+def test_version_2_parts_upgrade_on_read_with_null_face_columns(dest: LocalStorage) -> None:
+    v2 = as_version_2(samples_table([sample_row("a.png", 0), sample_row("a.png", 1)]))
+    write_parquet(dest, part_key("old"), v2)
+    table = read_index(dest)
+    assert table.num_rows == 2 and table.schema.equals(SAMPLES_SCHEMA)
+    assert set(table.column("face_index").to_pylist()) == {None}
+    assert set(table.column("face_box").to_pylist()) == {None}
+    assert identities3(table) == [("a.png", None, 0, "run-1"), ("a.png", None, 1, "run-1")]
+    # a version 3 run redoing the same input replaces the old part's rows, identities intact
+    redo = samples_table([sample_row("a.png", 0, run_id="run-2", created_at=T0 + timedelta(1))])
+    append_to_index(dest, redo, "run-2")
+    assert identities3(raw_dataset(dest)) == [("a.png", None, 0, "run-2")]
+
+
+def test_a_version_2_run_manifest_merges_with_version_3_parts(dest: LocalStorage) -> None:
+    from pulse_core.manifest import finalize_run, write_batch_manifests
+
+    old_samples = as_version_2(samples_table([sample_row("a.png", 0)]))
+    old_losses = as_version_2(
+        losses_table([loss_row(s, input_key="a.png") for s in range(2)]), True
+    )
+    write_parquet(dest, run_manifest_key("run-1", "samples"), old_samples)
+    write_parquet(dest, run_manifest_key("run-1", "losses"), old_losses)
+    faces = samples_table([face_row("p.jpg", f, 0) for f in range(2)])
+    face_losses = losses_table(
+        [loss_row(s, input_key="p.jpg", face_index=f) for f in range(2) for s in range(2)]
+    )
+    write_batch_manifests(dest, "run-1", "00001", faces, face_losses)
+    files = finalize_run(dest, "run-1")
+    assert (files.samples_rows, files.losses_rows) == (3, 6)
+    losses = read_manifest(dest, files.losses_key)
+    assert losses.schema.equals(LOSSES_SCHEMA)
+    ids = sorted(
+        zip(losses["input_key"].to_pylist(), losses["face_index"].to_pylist(), strict=True),
+        key=str,
+    )
+    assert ids == sorted([("a.png", None)] * 2 + [("p.jpg", 0)] * 2 + [("p.jpg", 1)] * 2, key=str)
+    samples = read_manifest(dest, files.samples_key)
+    assert identities3(samples) == [
+        ("a.png", None, 0, "run-1"),
+        ("p.jpg", 0, 0, "run-1"),
+        ("p.jpg", 1, 0, "run-1"),
+    ]

@@ -49,6 +49,10 @@ SETTINGS_VALUES: dict[str, Any] = {
     "device": "cpu",
     "search_batch": 5,
     "max_pixels": 1000,
+    "faces": "paste",
+    "upscale": 3,
+    "min_face_size": 12.5,
+    "face_recipe": "ffhq",
 }
 OPTIONS_VALUES: dict[str, Any] = {
     "inputs_per_task": 3,
