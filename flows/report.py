@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from pulse_core.pipeline import InputOutcome, RunSummary
@@ -9,8 +11,22 @@ from pulse_core.pipeline import InputOutcome, RunSummary
 FAILURES_SHOWN = 200
 
 
-def results_table(inputs: list[InputOutcome]) -> list[dict[str, Any]]:
-    """One row per input the run kept detail for (the run manifest has every row)."""
+def job_key(dest_url: str, deployment: str | None = None) -> str:
+    """The artifact key prefix of a job: one per deployment, else one per destination.
+
+    Every run used to write the same keys, so nightly and ad-hoc jobs shared one history in
+    the UI. Keys allow lowercase letters, digits and dashes: a readable slug of the name, plus
+    8 hex digits of its hash so two long names with the same ending never share a history.
+    """
+    name = deployment or dest_url.rstrip("/")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[-40:].strip("-")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"restore-{slug}-{digest}" if slug else f"restore-{digest}"
+
+
+def results_table(inputs: list[InputOutcome], eps: float | None = None) -> list[dict[str, Any]]:
+    """One row per input the run kept detail for, failures first (the manifest has every row)."""
+    ordered = sorted(inputs, key=lambda i: i.status == "ok")
     return [
         {
             "input": i.input_key,
@@ -18,10 +34,11 @@ def results_table(inputs: list[InputOutcome]) -> list[dict[str, Any]]:
             "samples": i.sample_count,
             "converged": i.converged_count,
             "best L2": None if i.best_mse is None else float(f"{i.best_mse:.3g}"),
+            "eps": eps,
             "outputs": ", ".join(i.output_keys),
             "error": i.error or "",
         }
-        for i in inputs
+        for i in ordered
     ]
 
 

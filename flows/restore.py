@@ -19,12 +19,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.recovery import adopt_crashed
-from flows.report import report_markdown, results_table
+from flows.report import job_key, report_markdown, results_table
 from pulse_core.errors import PulseError
 from pulse_core.lease import RunLease
 from pulse_core.manifest import finalize_run
@@ -59,6 +60,7 @@ def _run_name() -> str:
 # flow to hand it the next batch, few enough that an archive is not queued whole (1M inputs in
 # batches of 8 were 125k task runs created and held at once; now 4 per slot, e.g. 64 for 16 GPUs).
 IN_FLIGHT_PER_WORKER = 4
+FAILURES_LOGGED = 200  # failed inputs named in the run's log; the manifest has every one
 MIN_IN_FLIGHT = 2
 
 
@@ -156,7 +158,7 @@ def restore_archive(
     storage_config = StorageConfig(endpoint_url=options.storage_endpoint)
     src, dst = open_storage(source, storage_config), open_storage(dest, storage_config)
     run_id = str(flow_run.id or f"local-{datetime.now(UTC):%Y%m%dT%H%M%S}")
-    run_key = "restore"
+    run_key = job_key(dst.url, deployment.name)  # each archive keeps its own artifact history
 
     found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
     with RunLease(dst, run_id):  # heartbeats; a later run adopts what a crash leaves
@@ -166,21 +168,27 @@ def restore_archive(
         summary = summarise(
             run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
         )
-        publish_artifacts(results_table(tally.inputs), report_markdown(summary), run_key)
-    logger.info(
-        "%d ok, %d failed, %d skipped; manifests: %s",
-        summary.ok,
-        summary.failed,
-        summary.skipped,
-        summary.samples_key or "(none: nothing ran)",
-    )
+        if tally.batches:  # a run with nothing to do keeps the last real results in view
+            table = results_table(tally.inputs, settings.config.eps)
+            publish_artifacts(table, report_markdown(summary), run_key)
+    counts = f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
+    logger.info("%s; manifests: %s", counts, summary.samples_key or "(none: nothing to do)")
+    for key, reason in summary.failures[:FAILURES_LOGGED]:
+        logger.warning("failed input %s: %s", key, reason)
+    if len(summary.failures) > FAILURES_LOGGED:
+        more = summary.failed - FAILURES_LOGGED
+        logger.warning("... and %d more failed inputs (see the manifest)", more)
     if summary.failed > options.max_failures:
         reasons = "; ".join(f"{k}: {r}" for k, r in summary.failures[:5])
         raise TooManyFailures(
-            f"{summary.failed} input(s) failed (max_failures={options.max_failures}); everything "
-            f"else was finished and recorded. First: {reasons}"
+            f"{counts}: {summary.failed} input(s) failed (max_failures={options.max_failures}); "
+            f"everything else was finished and recorded. First: {reasons}"
         )
-    return summary
+    if not tally.batches:
+        return Completed(message=f"nothing to do: {counts}", data=summary)
+    if summary.failed:  # within max_failures: green, but not the same green
+        return Completed(name="CompletedWithFailures", message=counts, data=summary)
+    return Completed(message=counts, data=summary)
 
 
 def _fan_out(

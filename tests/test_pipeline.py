@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import struct
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from flows.restore import TooManyFailures
 from pulse_cli.main import main
 from pulse_core.errors import StorageError
 from tests.helpers import run_restore
+from tests.prefect_server import drain_prefect_workers
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +42,14 @@ EXAMPLE_KEYS = ("astronaut-16.png", "astronaut-8.png", "grace-hopper-16.png", "g
 # A search just long enough to exercise every code path, with the paper's settings so that each
 # input has exactly `samples` rows (the default preset adds rows for extra restarts).
 FAST = {"steps": 3, "samples": 2, "preset": "reference"}
-RUN_KEY = "restore"  # flows.restore: artifacts are keyed restore-progress/-results/-report
+
+
+def run_key(dest: Path | str) -> str:
+    """The artifact key prefix of a job writing to `dest` (flows.report.job_key)."""
+    from flows.report import job_key
+    from pulse_core.storage import open_storage
+
+    return job_key(open_storage(str(dest)).url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,7 +429,8 @@ def test_too_many_failures_fail_the_run_only_after_everything_is_written(bad_inp
 
 
 def test_report_artifact_lists_every_failed_input_with_its_reason(bad_inputs_run):
-    report = read_artifact(bad_inputs_run.flow_run_id, f"{RUN_KEY}-report").data
+    key = run_key(bad_inputs_run.dest)
+    report = read_artifact(bad_inputs_run.flow_run_id, f"{key}-report").data
     assert "## Failures" in report
     failures = report.split("## Failures", 1)[1]
     for name, (_, words) in bad_inputs().items():
@@ -431,18 +441,22 @@ def test_report_artifact_lists_every_failed_input_with_its_reason(bad_inputs_run
 
 
 def test_run_publishes_progress_table_and_report_artifacts(bad_inputs_run):
-    run = bad_inputs_run.flow_run_id
-    progress = read_artifact(run, f"{RUN_KEY}-progress")
+    run, key = bad_inputs_run.flow_run_id, run_key(bad_inputs_run.dest)
+    progress = read_artifact(run, f"{key}-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
-    table = read_artifact(run, f"{RUN_KEY}-results")
+    table = read_artifact(run, f"{key}-results")
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     status = {r["input"]: r["status"] for r in rows}
+    assert [r["status"] for r in rows] == sorted(
+        (r["status"] for r in rows), key=lambda s: s == "ok"
+    )
+    assert {r["eps"] for r in rows} == {2e-3}
     assert status == {
         **dict.fromkeys(good_inputs(), "ok"),
         **dict.fromkeys(bad_inputs(), "failed"),
     }
-    report = read_artifact(run, f"{RUN_KEY}-report")
+    report = read_artifact(run, f"{key}-report")
     assert report.type == "markdown" and f"# Restore run {run}" in report.data
 
 
@@ -463,6 +477,69 @@ def test_failed_inputs_are_retried_by_the_next_run_and_tolerated_up_to_max_failu
     assert summary.skipped == len(good_inputs())
     assert summary.attempted == summary.failed == len(bad_inputs())
     assert {k for k, _ in summary.failures} == set(bad_inputs())
+
+
+def test_a_run_within_max_failures_is_named_and_logs_each_failed_input(bad_inputs_run, tmp_path):
+    """Green, but distinguishable at a glance in the runs list, and the log names the inputs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    dest = copy_of(bad_inputs_run.dest, tmp_path)
+    state = run_restore(
+        str(bad_inputs_run.source),
+        str(dest),
+        steps=3,
+        samples=1,
+        preset="reference",
+        max_failures=len(bad_inputs()),
+        return_state=True,
+    )
+
+    assert state.is_completed() and state.name == "CompletedWithFailures"
+    assert state.message == f"0 ok, {len(bad_inputs())} failed, {len(good_inputs())} skipped"
+    flow_run_id = state.state_details.flow_run_id
+    drain_prefect_workers()  # logs reach the API from a background worker
+    wanted = [f"failed input {name}:" for name in bad_inputs()]
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+        logged = "\n".join(entry.message for entry in logs)
+        missing = [w for w in wanted if w not in logged]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert missing == [], logged
+
+
+def test_a_run_with_nothing_to_do_says_so_and_keeps_the_last_results(restored_folder, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    dest = copy_of(restored_folder, tmp_path)
+    first = run_restore(str(EXAMPLES), str(dest), force=True, return_state=True, **FAST)
+    again = run_restore(str(EXAMPLES), str(dest), return_state=True, **FAST)
+
+    assert first.message.startswith(f"{len(EXAMPLE_KEYS)} ok, 0 failed")
+    assert again.is_completed() and again.message.startswith("nothing to do")
+    key = f"{run_key(dest)}-results"
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert [str(a.flow_run_id) for a in latest] == [str(first.state_details.flow_run_id)]
+
+
+def test_each_destination_keeps_its_own_artifact_history():
+    from flows.report import job_key
+
+    nightly, adhoc = job_key("s3://archive/restored"), job_key("s3://archive/adhoc")
+    assert nightly != adhoc and nightly.startswith("restore-s3-archive-restored-")
+    assert job_key("s3://archive/restored/") == nightly
+    assert job_key("x", deployment="nightly-restore").startswith("restore-nightly-restore-")
+    assert all(c.islower() or c.isdigit() or c == "-" for c in job_key("/Tmp/Ä B_c"))
 
 
 # --------------------------------------------------------------------------------------------
