@@ -117,9 +117,7 @@ class RunLease:
 
     def _write(self, store: Storage | None = None) -> None:
         self.record.heartbeat_at = _now().isoformat()
-        data = json.dumps(asdict(self.record), indent=1).encode()
-        key = lease_key(self.record.run_id)
-        (store or self.dest).write_bytes(key, data, content_type="application/json")
+        write_lease(store or self.dest, self.record)
 
 
 def read_leases(dest: Storage) -> list[LeaseRecord]:
@@ -158,6 +156,11 @@ def runs_to_adopt(
 def mark_adopted(dest: Storage, lease: LeaseRecord, by_run_id: str) -> None:
     """Record that a later run took over this run's leftovers, so it is not adopted again."""
     lease.adopted_by = by_run_id
+    write_lease(dest, lease)
+
+
+def write_lease(dest: Storage, lease: LeaseRecord) -> None:
+    """One whole-object write: a reader sees the old lease or the new one, never half."""
     data = json.dumps(asdict(lease), indent=1).encode()
     dest.write_bytes(lease_key(lease.run_id), data, content_type="application/json")
 

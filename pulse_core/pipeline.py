@@ -955,7 +955,7 @@ def decode_photos(
     `FacesUnavailable` before reading anything: a missing asset is the run's problem, and
     recording it as a failure of every photo would bury the one line that says how to fix it.
     """
-    device = _device_of(generator)
+    device = generator.device
     load_mtcnn(device)  # FacesUnavailable (with `pulse models pull mtcnn`) before any photo
     recipe = settings.recipe_for(generator.family)
 
@@ -1052,7 +1052,7 @@ def process_batch(
     started = time.perf_counter()
     if generator is None:
         generator = load_generator(settings.model, pick_device(settings.device))
-    device = str(_device_of(generator))
+    device = str(generator.device)
     ctx = RowContext(
         run_id=run_id,
         generator_id=generator.model_id,
@@ -1213,12 +1213,6 @@ def _sample_outcomes(
 
 def _checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _device_of(generator: Generator) -> torch.device:
-    for t in generator.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def search(
     """
     started = time.perf_counter()
     spec = parse_loss(config.loss)
-    device = _device_of(generator)
+    device = generator.device
     if device.type == "cpu":
         keep_freed_memory()
     n, _, h, w = targets.shape
@@ -456,11 +456,3 @@ def search(
         history={k: torch.stack(v).to(cpu) for k, v in history.items()},
         seconds=time.perf_counter() - started,
     )
-
-
-def _device_of(generator: Generator) -> torch.device:
-    for t in generator.parameters():
-        return t.device
-    for t in generator.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -38,3 +38,37 @@ def demo_generator():
         return load_generator("demo")
     except ModelFileError as exc:
         pytest.skip(f"demo model not cached ({exc}); run `make model` or `pulse models pull demo`")
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 endpoint shared by one test module (fast unit tests; see tests.helpers)."""
+    from tests.helpers import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def temporary_prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """A temporary Prefect API (SQLite in a temp dir) for the flow calls of one test module."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with (
+            temporary_settings(updates={PREFECT_HOME: home}),
+            prefect_test_harness(server_startup_timeout=90),
+        ):
+            yield
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(demo_generator, temporary_prefect_api) -> None:
+    """The temporary Prefect API, for modules whose flows restore with the demo generator.
+
+    Requires the demo generator in the model cache, so those modules skip cleanly without it.
+    """

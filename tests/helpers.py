@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from pulse_core.generators.dcgan import DCGANGenerator
@@ -62,3 +65,20 @@ def run_restore(source: str, dest: str, **kwargs: object):
     from flows.restore import restore_archive
 
     return restore_archive(source, dest, **flow_args(**kwargs))
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """An in-process moto S3 server on a free 127.0.0.1 port; yields its endpoint URL.
+
+    For fast unit tests only: moto checks no signatures (integration tests use SeaweedFS).
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -195,19 +194,6 @@ def test_a_corrupt_part_does_not_block_other_adoptions(dest: LocalStorage) -> No
 
 # ---------------------------------------------------------------------------------------------
 # S3 (moto and SeaweedFS): mtimes are the server's LastModified, so the reference clock moves instead
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["moto", "seaweedfs"])

@@ -284,23 +284,6 @@ def test_bench_quick_mode_runs_and_agrees_with_the_baseline(tmp_path: Path) -> N
 # The fan-out: a bounded number of batches in flight (real Prefect flow, real thread runner)
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A temporary Prefect API (SQLite in a temp dir) for the flow runs of this module."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_HOME: home}),
-            prefect_test_harness(server_startup_timeout=90),
-        ):
-            yield
-
-
 class InFlight:
     """Counts batches submitted and not yet finished, around the flow's real `restore_batch`."""
 
@@ -356,7 +339,7 @@ def run_batches(batches: list[list[str]], tmp_path: Path, workers: int, **kwargs
 
 @pytest.mark.integration
 def test_no_more_batches_run_at_once_than_the_bound(
-    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    temporary_prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tasks.restore
 
@@ -371,7 +354,7 @@ def test_no_more_batches_run_at_once_than_the_bound(
 
 @pytest.mark.integration
 def test_the_default_bound_is_four_batches_per_worker(
-    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    temporary_prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.restore
     import tasks.restore
@@ -417,7 +400,7 @@ def random_inputs(folder: Path, count: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_two_thousand_images_are_each_restored_exactly_once(
-    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    temporary_prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.restore
     from tests.helpers import run_restore

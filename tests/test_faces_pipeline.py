@@ -36,7 +36,6 @@ from pulse_core.settings import RestoreSettings, build_settings
 from pulse_core.storage import LocalStorage, open_storage
 from tests.test_discovery_scale import T0, Writer, touch
 from tests.test_faces import DATA, GROUP_WIDTHS, HEADS, compose_group
-from tests.test_pipeline import prefect_harness  # noqa: F401 (the flow's temporary Prefect API)
 
 needs_weights = pytest.mark.skipif(
     not weights_available(),

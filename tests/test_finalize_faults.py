@@ -220,19 +220,6 @@ def parts_left(dest: Storage) -> list[str]:
 # Storages
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def new_dest(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """A factory of empty dests, one per fault position."""

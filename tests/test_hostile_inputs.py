@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.helpers import run_restore
+from tests.helpers import moto_server, run_restore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -249,23 +249,6 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[str, int, str]]:
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory, demo_generator) -> Iterator[None]:
-    """A temporary Prefect API for the module (the flow runs in this process, on threads)."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_HOME: home}),
-            prefect_test_harness(server_startup_timeout=90),
-        ):
-            yield
-
-
 @dataclass
 class LocalRun:
     source: Path
@@ -402,13 +385,7 @@ def _point_aws_chain_at(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) ->
 @pytest.fixture
 def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3: unlike SeaweedFS, it stores keys with `.` and `..` segments, as AWS does."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    with moto_server() as endpoint:
         _point_aws_chain_at(
             monkeypatch,
             {
@@ -420,8 +397,6 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             },
         )
         yield endpoint
-    finally:
-        server.stop()
 
 
 def test_s3_keys_with_dot_segments_cannot_reach_outside_dest(prefect_harness, moto_s3: str) -> None:

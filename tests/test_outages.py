@@ -52,23 +52,6 @@ SURVIVE_BUDGET_S = 60.0  # for the survival spec: 4x the outage, and a regressio
 # Fixtures: a temporary Prefect API, a SeaweedFS of our own that can be stopped and restarted
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory, demo_generator) -> Iterator[None]:
-    """A temporary Prefect API for the module (the flow runs in this process, on threads)."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_HOME: home}),
-            prefect_test_harness(server_startup_timeout=90),
-        ):
-            yield
-
-
 class Store:
     """A SeaweedFS that a test can stop and start again over the same data, port and keys."""
 

@@ -16,7 +16,6 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,26 +53,6 @@ def run_key(dest: Path | str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Fixtures: one Prefect API per module, runs shared by several specs
-
-
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory, demo_generator) -> Iterator[None]:
-    """A temporary Prefect API (SQLite in a temp dir) for every flow call of this module.
-
-    Also requires the demo generator in the model cache (skips cleanly without it).
-    """
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_HOME: home}),
-            prefect_test_harness(server_startup_timeout=90),
-        ):
-            yield
 
 
 def index_of(dest: Path) -> pa.Table:

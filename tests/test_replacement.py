@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -45,19 +44,6 @@ def source(tmp_path: Path) -> LocalStorage:
     for key, name in INPUTS.items():
         shutil.copy(EXAMPLES / name, root / key)
     return LocalStorage(root)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3", "seaweedfs"])

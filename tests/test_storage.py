@@ -307,19 +307,6 @@ def test_only_local_storage_has_local_paths() -> None:
 # S3 against moto
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def s3_config(moto_endpoint: str) -> StorageConfig:
     return StorageConfig(
@@ -341,7 +328,7 @@ def bucket(s3_config: StorageConfig) -> str:
 
 @pytest.fixture
 def s3(bucket: str, s3_config: StorageConfig) -> S3Storage:
-    return S3Storage(bucket, "root/prefix", s3_config)
+    return S3Storage(bucket, "archive/prefix", s3_config)
 
 
 def _count_calls(storage: S3Storage, operation: str) -> list[int]:
@@ -356,18 +343,20 @@ def test_s3_write_then_read_round_trips(s3: S3Storage) -> None:
     s3.write_bytes("a/b.png", b"png-bytes")
     assert s3.read_bytes("a/b.png") == b"png-bytes"
     assert s3.exists("a/b.png")
-    head = s3.client.head_object(Bucket=s3.bucket, Key="root/prefix/a/b.png")
+    head = s3.client.head_object(Bucket=s3.bucket, Key="archive/prefix/a/b.png")
     assert head["ContentType"] == "image/png"
 
 
 def test_s3_explicit_content_type_wins(s3: S3Storage) -> None:
     s3.write_bytes("x.bin", b"x", content_type="application/x-test")
-    head = s3.client.head_object(Bucket=s3.bucket, Key="root/prefix/x.bin")
+    head = s3.client.head_object(Bucket=s3.bucket, Key="archive/prefix/x.bin")
     assert head["ContentType"] == "application/x-test"
 
 
 def test_s3_missing_key_is_not_found(s3: S3Storage) -> None:
-    with pytest.raises(StorageNotFoundError, match=r"s3://.*/root/prefix/missing\.png not found"):
+    with pytest.raises(
+        StorageNotFoundError, match=r"s3://.*/archive/prefix/missing\.png not found"
+    ):
         s3.read_bytes("missing.png")
     assert not s3.exists("missing.png")
 
@@ -382,7 +371,7 @@ def test_s3_delete_is_idempotent(s3: S3Storage) -> None:
 @pytest.mark.parametrize("key", UNSAFE_KEYS)
 def test_s3_operations_refuse_keys_that_escape_the_prefix(key: str) -> None:
     # Refused before any request: the endpoint (port 9, discard) is never contacted.
-    s3 = S3Storage("bucket", "root/prefix", StorageConfig(endpoint_url="http://127.0.0.1:9"))
+    s3 = S3Storage("bucket", "archive/prefix", StorageConfig(endpoint_url="http://127.0.0.1:9"))
     for op in (
         lambda: s3.write_bytes(key, b"x"),
         lambda: s3.read_bytes(key),
@@ -423,7 +412,7 @@ def test_s3_list_filters_by_prefix_and_suffix(s3: S3Storage) -> None:
 
 
 def test_s3_list_skips_folder_marker_objects(s3: S3Storage) -> None:
-    s3.client.put_object(Bucket=s3.bucket, Key="root/prefix/folder/", Body=b"")
+    s3.client.put_object(Bucket=s3.bucket, Key="archive/prefix/folder/", Body=b"")
     s3.write_bytes("folder/a.png", b"a")
     assert [o.key for o in s3.list()] == ["folder/a.png"]
 
@@ -431,7 +420,7 @@ def test_s3_list_skips_folder_marker_objects(s3: S3Storage) -> None:
 def test_s3_child_is_rooted_under_its_prefix(s3: S3Storage) -> None:
     child = s3.child("runs").child("r1")
     child.write_bytes("samples.parquet", b"x")
-    assert child.url == f"s3://{s3.bucket}/root/prefix/runs/r1"
+    assert child.url == f"s3://{s3.bucket}/archive/prefix/runs/r1"
     assert s3.read_bytes("runs/r1/samples.parquet") == b"x"
     assert [o.key for o in child.list()] == ["samples.parquet"]
 

@@ -88,6 +88,15 @@ class Generator(nn.Module, ABC):
         With `edit=None` the result is bit-identical to the network without split points.
         """
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: the search and the faces stage run there."""
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
     def freeze(self) -> Generator:
         """Eval mode, no parameter gradients: the search only needs gradients w.r.t. inputs."""
         self.eval()
