@@ -15,8 +15,9 @@ import time
 from datetime import UTC, datetime
 
 import dask
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment, flow_run
@@ -41,7 +42,7 @@ from pulse_core.pipeline import (
 from pulse_core.settings import PipelineOptions, RestoreSettings
 from pulse_core.storage import Storage, StorageConfig, open_storage
 from tasks.discover import discover_inputs
-from tasks.publish import finalize_manifests, publish_artifacts
+from tasks.publish import finalize_manifests, make_links, make_previews, publish_artifacts
 from tasks.restore import restore_batch
 
 
@@ -49,11 +50,50 @@ class TooManyFailures(PulseError):
     """More inputs failed than `max_failures` allows (everything else was still finished)."""
 
 
+def _short(text: str, width: int = 60) -> str:
+    text = text.rstrip("/")
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
 def _run_name() -> str:
+    source = str(flow_run.parameters.get("source", "?"))
+    return f"restore {_short(source)} {datetime.now(UTC):%Y-%m-%d %H:%M}"
+
+
+def _batches_name() -> str:
+    """The fan-out's name in the run graph: what it restores and how much."""
     params = flow_run.parameters
-    source = str(params.get("source", "?")).rstrip("/")
-    short = source if len(source) <= 60 else "..." + source[-57:]
-    return f"restore {short} {datetime.now(UTC):%Y-%m-%d %H:%M}"
+    source = getattr(params.get("source"), "url", params.get("source", "?"))
+    total = params.get("total_inputs")
+    size = f": {total} inputs" if total is not None else ""
+    return f"batches of {_short(str(source))}{size}"
+
+
+def run_tags(settings: RestoreSettings) -> list[str]:
+    """Tags of a run and everything under it: the product, the model and the preset.
+
+    A model given as a path is tagged by its file name (tags are for filtering, not paths).
+    """
+    model = settings.model.rstrip("/").rsplit("/", 1)[-1]
+    return ["pulse", f"model:{model}", f"preset:{settings.preset}"]
+
+
+def _add_tags(new: list[str]) -> None:
+    """Add tags to the running flow run (a deployment's run was created with its own tags).
+
+    Best effort: tags are for finding runs, never a reason to fail one.
+    """
+    run_id = flow_run.id
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id).tags
+            merged = [*current, *(t for t in new if t not in current)]
+            if merged != current:
+                client.update_flow_run(run_id, tags=merged)
+    except Exception as exc:  # the API busy or older: the run goes on untagged
+        get_run_logger().warning("could not tag the run: %s", exc)
 
 
 # Batches submitted but not finished, per worker slot: enough that a worker never waits for the
@@ -64,7 +104,7 @@ FAILURES_LOGGED = 200  # failed inputs named in the run's log; the manifest has 
 MIN_IN_FLIGHT = 2
 
 
-@flow(name="restore-batches", flow_run_name="restore-batches-{run_id}")
+@flow(name="restore-batches", flow_run_name=_batches_name)
 def restore_batches(
     plan_key: str,
     source: Storage,
@@ -76,6 +116,7 @@ def restore_batches(
     gpu_resource: bool,
     progress_id: str | None,
     max_in_flight: int | None = None,
+    total_inputs: int | None = None,
 ) -> RunTally:
     """Fan out one task per batch of the plan, at most `max_in_flight` at a time.
 
@@ -155,22 +196,27 @@ def restore_archive(
     """
     logger = get_run_logger()
     settings = settings.resolved()  # preset + overrides -> the effective values, once
+    labels = run_tags(settings)
+    _add_tags(labels)
     storage_config = StorageConfig(endpoint_url=options.storage_endpoint)
     src, dst = open_storage(source, storage_config), open_storage(dest, storage_config)
     run_id = str(flow_run.id or f"local-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     run_key = job_key(dst.url, deployment.name)  # each archive keeps its own artifact history
 
-    found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
-    with RunLease(dst, run_id):  # heartbeats; a later run adopts what a crash leaves
+    with tags(*labels), RunLease(dst, run_id):  # a later run adopts what a crash leaves
+        found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
         adopt_crashed(dst, run_id)
         tally, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
         files = finalize_manifests(dst, run_id) if tally.batches else None
         summary = summarise(
             run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
         )
-        if tally.batches:  # a run with nothing to do keeps the last real results in view
-            table = results_table(tally.inputs, settings.config.eps)
-            publish_artifacts(table, report_markdown(summary), run_key)
+        if files is not None:  # a run with nothing to do keeps the last real results in view
+            eps = settings.config.eps
+            table = results_table(tally.inputs, eps, dst.url)
+            previews = make_previews(dst, tally.inputs)
+            report = report_markdown(summary, previews, make_links(dst, files), eps)
+            publish_artifacts(table, report, run_key)
     counts = f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
     logger.info("%s; manifests: %s", counts, summary.samples_key or "(none: nothing to do)")
     for key, reason in summary.failures[:FAILURES_LOGGED]:
@@ -178,6 +224,8 @@ def restore_archive(
     if len(summary.failures) > FAILURES_LOGGED:
         more = summary.failed - FAILURES_LOGGED
         logger.warning("... and %d more failed inputs (see the manifest)", more)
+    if summary.failed:
+        _add_tags(["failures"])  # findable in the runs list, whatever the final state
     if summary.failed > options.max_failures:
         reasons = "; ".join(f"{k}: {r}" for k, r in summary.failures[:5])
         raise TooManyFailures(
@@ -222,6 +270,7 @@ def _fan_out(
             found.collisions,
             options.gpu_resource and options.task_runner == "dask",
             progress_id,
+            total_inputs=len(found.pending),
         )
     except BaseException:
         # Batches that finished wrote their parts: merge them now, best effort with no retry

@@ -84,6 +84,12 @@ def run_flow(args: argparse.Namespace) -> int:
         print(
             f"faces: {summary.faces_restored} restored; {summary.no_faces} photo(s) without a face"
         )
+    loss = summary.loss
+    if loss and loss.inputs:
+        print(
+            f"best LR error per input: min {loss.min_error:.3g}, median {loss.median_error:.3g}, "
+            f"max {loss.max_error:.3g}; {loss.steps} optimiser steps in {loss.attempts} searches"
+        )
     if summary.samples_key:
         print(f"samples manifest: {summary.samples_key}\nlosses manifest:  {summary.losses_key}")
     root = summary.dest.rstrip("/")

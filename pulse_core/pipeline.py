@@ -15,7 +15,9 @@ import hashlib
 import heapq
 import os
 import socket
+import statistics
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -763,6 +765,9 @@ class InputOutcome:
     samples: list[SampleOutcome] = field(default_factory=list)
     faces: int | None = None  # faces found in the photo; None = not run through the faces stage
     photo_key: str | None = None  # faces=paste: the photo with its faces pasted back
+    steps: int = 0  # optimiser steps spent on it, every attempt (restart) counted
+    best_step: int | None = None  # step of the best sample's best iterate
+    attempts: int = 0  # searches run for it (selected samples + extra restarts), all faces
 
 
 @dataclass
@@ -1138,6 +1143,7 @@ def render_input(dest: Storage, ctx: RowContext, d: DecodedInput, res: RestoreRe
         lr_size=d.prepared.lr_size,
         factor=d.prepared.factor,
         samples=samples,
+        **_effort([res]),
     )
     rows = sample_rows(ctx, d.record(), res.attempts, outputs)
     return Recorded(rows, loss_rows(ctx.run_id, d.key, res.attempts), outcome)
@@ -1198,8 +1204,20 @@ def render_photo(
         samples=samples,
         faces=len(faces),
         photo_key=pasted,
+        **_effort([res for _, res in faces]),
     )
     return Recorded(rows, losses, outcome)
+
+
+def _effort(results: Sequence[RestoreResult]) -> dict[str, Any]:
+    """Steps, attempts and the best sample's best step of an input (over all its faces)."""
+    samples = [s for res in results for s in res.samples]
+    best = min(samples, key=lambda s: s.mse, default=None)
+    return {
+        "steps": sum(res.steps_spent for res in results),
+        "best_step": None if best is None else best.best_step,
+        "attempts": sum(len(res.attempts) for res in results),
+    }
 
 
 def _sample_outcomes(
@@ -1244,9 +1262,65 @@ class RunSummary:
     inputs: list[InputOutcome] = field(default_factory=list)  # the first 1,000 (failures kept)
     no_faces: int = 0  # faces stage: photos with no face found (done; in neither ok nor failed)
     faces_restored: int = 0  # faces stage: faces restored, over all photos
+    loss: LossSummary | None = None
+    batches: list[BatchRecord] = field(default_factory=list)  # the first 1,000
+    devices: dict[str, int] = field(default_factory=dict)  # device -> batches run there
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class BatchRecord:
+    """One batch as the report lists it: which inputs, where it ran, how it went."""
+
+    batch_id: str
+    inputs: int
+    first_key: str
+    last_key: str
+    ok: int
+    failed: int
+    device: str
+    worker: str  # "<host>:<pid>"
+    seconds: float
+
+    @classmethod
+    def of(cls, batch: BatchOutcome) -> BatchRecord:
+        keys = [i.input_key for i in batch.inputs]
+        return cls(
+            batch.batch_id,
+            len(keys),
+            keys[0] if keys else "",
+            keys[-1] if keys else "",
+            batch.ok_count,
+            batch.failed_count,
+            batch.device,
+            batch.worker,
+            round(batch.seconds, 3),
+        )
+
+
+@dataclass
+class LossSummary:
+    """How well the run explained its inputs: the report's loss summary.
+
+    Errors are each restored input's best LR error (its lowest over samples and faces), so the
+    median says how a typical input fared, not a typical sample.
+    """
+
+    inputs: int  # restored inputs with samples
+    converged_inputs: int  # of which with at least one sample within eps
+    samples: int
+    converged_samples: int
+    min_error: float | None
+    median_error: float | None
+    max_error: float | None
+    steps: int  # optimiser steps spent, every attempt counted
+    attempts: int  # searches run (selected samples + extra restarts)
+
+    @property
+    def converged_share(self) -> float | None:
+        return self.converged_inputs / self.inputs if self.inputs else None
 
 
 @dataclass
@@ -1274,19 +1348,35 @@ class RunTally:
     workers: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[InputOutcome] = field(default_factory=list)
+    keep_batches: int = 1000
+    batch_log: list[BatchRecord] = field(default_factory=list)  # the first `keep_batches`
+    devices: dict[str, int] = field(default_factory=dict)  # device -> batches run there
+    converged_samples: int = 0
+    steps: int = 0
+    search_attempts: int = 0
+    # each restored input's best LR error: 8 bytes an input, for the exact median
+    best_errors: array = field(default_factory=lambda: array("d"))
 
     def add(self, batch: BatchOutcome) -> None:
         self.batches += 1
         self.generator_id = self.generator_id or batch.generator_id
         self.generator_checksum = self.generator_checksum or batch.generator_checksum
         self.workers[batch.worker] = max(self.workers.get(batch.worker, 0), batch.model_loads)
+        self.devices[batch.device] = self.devices.get(batch.device, 0) + 1
+        if len(self.batch_log) < self.keep_batches:
+            self.batch_log.append(BatchRecord.of(batch))
         for item in batch.inputs:
             self.attempted += 1
+            self.steps += item.steps
+            self.search_attempts += item.attempts
             if item.status == "ok":
                 self.ok += 1
                 self.faces_restored += item.faces or 0
                 self.converged_input_count += item.converged_count > 0
                 self.samples_written += len(item.output_keys)
+                self.converged_samples += item.converged_count
+                if item.best_mse is not None:
+                    self.best_errors.append(item.best_mse)
             elif item.status == "no-faces":
                 self.no_faces += 1
             else:
@@ -1310,6 +1400,20 @@ class RunTally:
         for batch in batches:
             tally.add(batch)
         return tally
+
+    def loss_summary(self) -> LossSummary:
+        errors = self.best_errors
+        return LossSummary(
+            inputs=len(errors),
+            converged_inputs=self.converged_input_count,
+            samples=self.samples_written,
+            converged_samples=self.converged_samples,
+            min_error=min(errors) if errors else None,
+            median_error=statistics.median(errors) if errors else None,
+            max_error=max(errors) if errors else None,
+            steps=self.steps,
+            attempts=self.search_attempts,
+        )
 
 
 def summarise(
@@ -1346,12 +1450,16 @@ def summarise(
         inputs=tally.inputs,
         no_faces=tally.no_faces,
         faces_restored=tally.faces_restored,
+        loss=tally.loss_summary() if tally.batches else None,
+        batches=tally.batch_log,
+        devices=tally.devices,
     )
 
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "BatchOutcome",
+    "BatchRecord",
     "DecodedInput",
     "DecodedPhoto",
     "Discovery",
@@ -1359,6 +1467,7 @@ __all__ = [
     "FailedInput",
     "InputOutcome",
     "KeyList",
+    "LossSummary",
     "RunFiles",
     "RunSummary",
     "RunTally",

@@ -481,6 +481,18 @@ class Storage(ABC):
         """The file backing `key`. Only local storage has one; tools needing a path ask here."""
         raise StorageError(f"{self.url} is not a local folder: no local path for {key!r}")
 
+    def uri(self, key: str) -> str:
+        """Where `key` lives, whole (`s3://bucket/prefix/key` or an absolute path): for reports."""
+        return f"{self.url.rstrip('/')}/{validate_key(key)}"
+
+    def share_url(self, key: str, expires_s: int) -> str | None:
+        """An http(s) URL a browser can load for `expires_s` seconds, or None where there is none.
+
+        S3 gives a presigned GET URL (signed locally, no request made); a local folder has no
+        web address, so reports inline small previews instead.
+        """
+        return None
+
     def with_retry_budget(self, seconds: float) -> Storage:
         """This root with another retry budget; 0 = give up at the first transient failure.
 
@@ -754,6 +766,9 @@ _CREDENTIALS_HINT = (
 )
 
 
+MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's limit for a presigned URL
+
+
 class S3Storage(Storage):
     """A prefix in an S3 bucket, through boto3 with explicit timeouts and retries."""
 
@@ -837,6 +852,16 @@ class S3Storage(Storage):
 
     def _where(self, key: str | None = None) -> str:
         return f"s3://{self.bucket}/{self._full_key(key)}" if key is not None else self.url
+
+    def share_url(self, key: str, expires_s: int) -> str | None:
+        if not 1 <= expires_s <= MAX_PRESIGN_S:
+            raise StorageError(f"a presigned URL lasts 1 s to 7 days, not {expires_s} s")
+        params = {"Bucket": self.bucket, "Key": self._full_key(key)}
+        try:
+            url = self.client.generate_presigned_url("get_object", params, ExpiresIn=expires_s)
+        except Exception as exc:  # no credentials: the report goes without links, not the run
+            raise self._error(exc, "presign", key) from exc
+        return str(url)
 
     def child(self, prefix: str) -> S3Storage:
         child = S3Storage(self.bucket, self._full_key(prefix), self.config)

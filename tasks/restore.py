@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.runtime import task_run as current_task
 
 from pulse_core.pipeline import BatchOutcome, process_batch
 from pulse_core.settings import RestoreSettings
@@ -25,13 +26,32 @@ def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _batch_name() -> str:
+    """A batch task's name: its number and input range, so a failed one is found by name."""
+    params = current_task.parameters
+    keys = params.get("input_keys") or []
+    batch = params.get("batch_id", "?")
+    if not keys:
+        return f"batch {batch}"
+    span = (
+        _short(keys[0], 40)
+        if len(keys) == 1
+        else f"{_short(keys[0], 40)} .. {_short(keys[-1], 40)}"
+    )
+    return f"batch {batch} ({len(keys)}): {span}"
+
+
 @task(
     name="restore-batch",
     tags=["gpu"],
     retries=3,
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=retry_transient_only,
-    task_run_name="restore-batch-{batch_id}",
+    task_run_name=_batch_name,
 )
 def restore_batch(
     input_keys: list[str],

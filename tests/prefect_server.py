@@ -146,8 +146,12 @@ def prefect_server_process(
     home: Path,
     prefect: str | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ui: bool = False,
 ) -> Iterator[PrefectServer]:
-    """Run `prefect server start` on a free port of 127.0.0.1; stop it on exit, always."""
+    """Run `prefect server start` on a free port of 127.0.0.1; stop it on exit, always.
+
+    ui: serve the web UI too, told where its API is (on any port but 4200 it cannot guess).
+    """
     prefect = prefect or require_executable("prefect", "pip install prefect==3.8.8")
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "server.log"
@@ -160,6 +164,9 @@ def prefect_server_process(
     )
     for attempt in range(1, START_ATTEMPTS + 1):
         port = free_port()
+        if ui:
+            env["PREFECT_UI_ENABLED"] = "true"
+            env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
         proc = start_process(
             prefect_server_command(prefect, port),
             log_path,
