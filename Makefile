@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: install model demo test test-fast lint format bench stack stack-stop clean
+.PHONY: install model browser demo test test-fast lint format bench stack stack-stop clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,17 @@ demo: model
 	@echo "demo results: $(abspath $(DEMO_OUT))/ (one folder per input; manifests in _runs/ and _manifest/)"
 	@echo "whole photo: $(abspath $(DEMO_OUT))/photos/grace_hopper/restored.png (faces in face-<i>/)"
 
-test: model lint
+# Headless Chromium for the UI test (tests/test_ui_browser.py), from Debian where missing; as
+# a normal user it says what to install instead (the test then skips).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "headless Chromium is missing: sudo apt-get install chromium (the UI test skips without it)"; \
+	fi
+
+test: model lint browser
 	$(BIN)/python -m pytest
 
 test-fast: install

@@ -7,7 +7,8 @@
 
 Components (each a background process in its own process group, log and PID file in the state
 directory, `.stack/` by default):
-- prefect-server   `prefect server start` (API + UI, SQLite in the state directory)
+- prefect-server   `prefect server start` (API + UI, SQLite in the state directory; the UI is
+                   told its API URL, so any --prefect-port works)
 - s3               SeaweedFS `weed mini`, an S3-compatible store; buckets created at start
 - dask-scheduler   `dask scheduler`
 - gpu-<i>          `dask worker --resources GPU=1 --nthreads 1`, CUDA_VISIBLE_DEVICES=<i>
@@ -138,6 +139,26 @@ def s3_credentials(state: dict[str, Any]) -> tuple[str, str]:
     return f"pulse-local-{secrets.token_hex(4)}", secrets.token_hex(20)
 
 
+def prefect_server_env(
+    base: dict[str, str], prefect_home: Path, port: int, *, ui: bool
+) -> dict[str, str]:
+    """The environment of the stack's `prefect server start` on 127.0.0.1:`port`.
+
+    Why PREFECT_UI_API_URL: the UI asks the server for its API address (`/ui-settings`), and
+    Prefect builds that from its own host/port settings, not from `--port`. On any port but
+    4200 the UI would load and then fail to reach "http://127.0.0.1:4200/api". PREFECT_API_URL
+    is the same address, for anything the server process itself runs as a client.
+    """
+    api_url = f"http://127.0.0.1:{port}/api"
+    return {
+        **base,
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_UI_ENABLED": "true" if ui else "false",
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_API_URL": api_url,
+    }
+
+
 def prefect_worker_ready(api_url: str, pool: str) -> Callable[[], bool]:
     """A check: the server lists a worker polling `pool` (errors count as "not yet")."""
     request = urllib.request.Request(
@@ -225,11 +246,7 @@ def start(args: argparse.Namespace) -> int:
             state,
             "prefect-server",
             processes.prefect_server_command(executable("prefect"), prefect_port),
-            {
-                **base,
-                "PREFECT_HOME": str(prefect_home),
-                "PREFECT_UI_ENABLED": "false" if args.no_ui else "true",
-            },
+            prefect_server_env(base, prefect_home, prefect_port, ui=not args.no_ui),
             stack.dir,
         )
         # SeaweedFS: credentials are enforced because the AWS keys are set when it starts.

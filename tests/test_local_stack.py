@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from infra import local_stack, processes
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +112,32 @@ def test_started_stack_serves_prefect_s3_and_dask_then_stops_by_pid(stack):
     assert all(_pid_gone(pid) for pid in pids.values()), stopped.stdout
     assert not list((state_dir / "pids").glob("*.pid"))
     assert stack_cli(state_dir, "status").returncode == 1
+
+
+def test_stack_prefect_server_ui_reaches_its_api_on_a_port_other_than_4200(tmp_path: Path):
+    """The UI learns its API address from `/ui-settings`; Prefect derives it from its own
+    settings, not from `--port`, so the stack must say it (else "Can't connect to :4200")."""
+    port = next(p for p in processes.free_ports(2) if p != 4200)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = local_stack.prefect_server_env(base, tmp_path / "prefect", port, ui=True)
+    server = processes.start_process(
+        processes.prefect_server_command(local_stack.executable("prefect"), port),
+        tmp_path / "prefect-server.log",
+        env,
+        tmp_path,
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        processes.wait_until(
+            f"Prefect server did not answer {base_url}/api/health",
+            lambda: processes.http_ok(f"{base_url}/api/health"),
+            timeout_s=120,
+            watch={"prefect-server": server},
+        )
+        with urllib.request.urlopen(f"{base_url}/ui-settings", timeout=10) as response:
+            ui_settings = json.loads(response.read())
+    finally:
+        processes.stop_process(server)
+
+    assert ui_settings["api_url"] == f"{base_url}/api"

@@ -168,8 +168,9 @@ def test_the_run_page_shows_the_counts_and_the_named_sub_runs(operator_run):
     assert "CompletedWithFailures" in text
     assert "failed input broken.png" in text  # the parent run's log names the failed input
     tasks = api(operator_run.server, "/task_runs/filter", {})
-    names = {t["name"] for t in tasks}
-    assert "batch 00000 (2): astronaut-8.png .. broken.png" in names
+    states = {t["name"]: t["state"]["name"] for t in tasks}
+    assert states["batch 00000 (2): astronaut-8.png .. broken.png"] == "CompletedWithFailures"
+    assert states["batch 00001 (2): grace-hopper-16.png .. grace-hopper-8.png"] == "Completed"
     subflows = api(operator_run.server, "/flow_runs/filter", {})
     assert any(
         r["name"].startswith("batches of ") and r["name"].endswith(": 4 inputs") for r in subflows
