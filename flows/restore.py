@@ -203,20 +203,21 @@ def restore_archive(
     run_id = str(flow_run.id or f"local-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     run_key = job_key(dst.url, deployment.name)  # each archive keeps its own artifact history
 
-    with tags(*labels), RunLease(dst, run_id):  # a later run adopts what a crash leaves
+    with tags(*labels):  # the sub-run and every task carry the run's tags
         found = discover_inputs(src, dst, settings.samples, options.force, options.limit)
-        adopt_crashed(dst, run_id)
-        tally, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
-        files = finalize_manifests(dst, run_id) if tally.batches else None
-        summary = summarise(
-            run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
-        )
-        if files is not None:  # a run with nothing to do keeps the last real results in view
-            eps = settings.config.eps
-            table = results_table(tally.inputs, eps, dst.url)
-            previews = make_previews(dst, tally.inputs)
-            report = report_markdown(summary, previews, make_links(dst, files), eps)
-            publish_artifacts(table, report, run_key)
+        with RunLease(dst, run_id):  # heartbeats; a later run adopts what a crash leaves
+            adopt_crashed(dst, run_id)
+            tally, seconds = _fan_out(found, src, dst, settings, options, run_id, run_key)
+            files = finalize_manifests(dst, run_id) if tally.batches else None
+            summary = summarise(
+                run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
+            )
+            if files is not None:  # a run with nothing to do keeps the last real results in view
+                eps = settings.config.eps
+                table = results_table(tally.inputs, eps, dst.url)
+                previews = make_previews(dst, tally.inputs)
+                report = report_markdown(summary, previews, make_links(dst, files), eps)
+                publish_artifacts(table, report, run_key)
     counts = f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
     logger.info("%s; manifests: %s", counts, summary.samples_key or "(none: nothing to do)")
     for key, reason in summary.failures[:FAILURES_LOGGED]:
