@@ -106,7 +106,7 @@ def batch_task_states(flow_run_id: str) -> list[str]:
                 flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in nested])
             )
         )
-    batches = [t for t in [*parent, *runs] if t.name.startswith("restore-batch-")]
+    batches = [t for t in [*parent, *runs] if t.name.startswith("batch ")]
     return sorted(str(t.state_type.value) for t in batches if t.state_type is not None)
 
 
