@@ -22,6 +22,9 @@ min. samples/s = batch / (100 x median step): complete 100-step reference search
     python bench/search_speed.py --quick                          # fewer steps, 1024 at batch 1 only
     python bench/search_speed.py --generators demo --batches 1,8 --json out.json
     python bench/search_speed.py --device cuda
+    python bench/search_speed.py --generators demo --compile         # torch.compile (issue 13)
+    python bench/search_speed.py --generators demo --channels-last   # channels-last weights
+    python bench/search_speed.py --precision bf16 --checkpoint on    # any Execution
 
 On a busy machine (more runnable threads than cores) OpenMP's default spin-waiting makes every
 parallel region wait for a descheduled worker: measured here at load ~5 on 2 cores, StyleGAN v1
@@ -170,7 +173,15 @@ def build_generator(name: str, device: str):
     )
 
 
-def measure(gen, name: str, batch: int, device: str, warmup: int, timed: int) -> dict[str, Any]:
+def measure(
+    gen,
+    name: str,
+    batch: int,
+    device: str,
+    warmup: int,
+    timed: int,
+    execution: Any = None,  # pulse_core.search.Execution; None = the default (fp32, plain)
+) -> dict[str, Any]:
     import torch
 
     from pulse_core.search import SearchConfig, initial_state, search
@@ -185,7 +196,7 @@ def measure(gen, name: str, batch: int, device: str, warmup: int, timed: int) ->
         if device == "cuda":
             torch.cuda.synchronize()
 
-    search(gen, targets, init, config.with_(steps=warmup))
+    search(gen, targets, init, config.with_(steps=warmup), execution=execution)
     sync()
     stamps = [time.perf_counter()]
 
@@ -194,7 +205,7 @@ def measure(gen, name: str, batch: int, device: str, warmup: int, timed: int) ->
         stamps.append(time.perf_counter())
 
     cpu0, faults0 = time.process_time(), _minor_faults()
-    out = search(gen, targets, init, config, on_step=on_step)
+    out = search(gen, targets, init, config, on_step=on_step, execution=execution)
     cpu = time.process_time() - cpu0
     faults = _minor_faults() - faults0
     assert out.steps_run == timed
@@ -270,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer steps; stylegan1-1024 at batch 1 only"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the synthesis")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="weights in channels-last memory format (what a channels-last option would do)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -291,14 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         + f", load avg {info['load_avg_start']}",
         flush=True,
     )
+    from pulse_core.search import Execution
+
+    execution = Execution(
+        precision=args.precision, checkpoint=args.checkpoint, compile=args.compile
+    )
+    info["execution"] = {**execution.__dict__, "channels_last": args.channels_last}
     rows = []
     for name in names:
         gen = build_generator(name, args.device)
+        if args.channels_last:
+            gen = gen.to(memory_format=torch.channels_last)
         warmup, timed = (QUICK_STEPS if args.quick else STEPS)[name]
         for batch in batches:
             if args.quick and name.endswith("-1024") and batch != 1:
                 continue
-            row = measure(gen, name, batch, args.device, warmup, timed)
+            row = measure(gen, name, batch, args.device, warmup, timed, execution)
             rows.append(row)
             print(
                 f"  {name:15s} batch {batch}: {row['step_ms_median']:9.1f} ms/step "

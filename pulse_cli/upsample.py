@@ -112,7 +112,7 @@ def run_upsample(args: argparse.Namespace) -> int:
     source, dest = LocalStorage(root), LocalStorage(out)
     dest.check(create=True)
     run_id = f"upsample-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    per_batch = max(1, settings.search_batch // settings.restarts)
+    per_batch = max(1, settings.planning_rows // settings.restarts)
     batches = [keys[i : i + per_batch] for i in range(0, len(keys), per_batch)]
 
     adoption = adopt_crashed_runs(dest, run_id)
@@ -194,10 +194,10 @@ def _planned_steps(inputs: int, settings: RestoreSettings) -> int:
     bar is completed when the batch returns.
     """
     config = settings.config
-    searches = math.ceil(inputs * settings.restarts / settings.search_batch)
+    searches = math.ceil(inputs * settings.restarts / settings.planning_rows)
     total = searches * config.steps * math.ceil(config.restart_budget)
     if settings.resample:
-        total += math.ceil(inputs * settings.resample / settings.search_batch) * 30
+        total += math.ceil(inputs * settings.resample / settings.planning_rows) * 30
     return total
 
 

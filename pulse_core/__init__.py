@@ -11,6 +11,7 @@ from pulse_core.generators.loading import load_generator
 from pulse_core.losses import DEFAULT_LOSS, parse_loss
 from pulse_core.restore import RestoreResult, SampleResult, restore, restore_many
 from pulse_core.search import (
+    Execution,
     InitialState,
     SearchConfig,
     SearchResult,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_LOSS",
     "OPERATORS",
     "ConfigError",
+    "Execution",
     "Generator",
     "InitialState",
     "InputError",

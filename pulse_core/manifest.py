@@ -86,9 +86,10 @@ import pyarrow.parquet as pq
 from pulse_core.errors import PulseError
 from pulse_core.storage import LocalStorage, Storage, StorageNotFoundError
 
-SCHEMA_VERSION = 3  # 2 added attempt, selected, intermediate_layers, intermediate_radius;
+SCHEMA_VERSION = 4  # 2 added attempt, selected, intermediate_layers, intermediate_radius;
 # 3 added the face columns (face_index, face_box, face_landmarks, face_score, face_recipe,
-# photo_output_key, upscale) and the "no-faces" status; losses got face_index
+# photo_output_key, upscale) and the "no-faces" status; losses got face_index;
+# 4 added how the search ran: search_batch, precision, checkpoint (samples only)
 RUNS_PREFIX = "_runs"  # dest/_runs/<run id>/{samples,losses}.parquet
 INDEX_PREFIX = "_manifest/samples"  # dest/_manifest/samples/part-<name>.parquet
 METHODS = ("restart", "noise-resample")
@@ -179,6 +180,10 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("lr_check_key", pa.string()),  # DS(HR) PNG key, for eyeballing the fit
         pa.field("seconds", pa.float64()),  # wall time spent on this sample's share
         pa.field("device", pa.string()),  # "cuda:0", "cpu", ...
+        pa.field("search_batch", pa.int32()),  # rows of the search that made it (auto or set,
+        # after any out-of-memory halving); None = failed input or written before version 4
+        pa.field("precision", pa.string()),  # synthesis precision "fp32" | "bf16" | "fp16"
+        pa.field("checkpoint", pa.bool_()),  # activation checkpointing of the synthesis used
         pa.field("status", pa.string(), nullable=False),  # "ok" | "failed" | "no-faces"
         pa.field("error", pa.string()),  # what went wrong ("failed") or why there is nothing to
         # restore ("no-faces"); required for both
@@ -227,6 +232,10 @@ _ADDED_COLUMNS: dict[str, Any] = {
     "face_recipe": None,
     "photo_output_key": None,
     "upscale": None,
+    # version 4: not recorded before it (the search ran fp32, plain, at settings.search_batch)
+    "search_batch": None,
+    "precision": None,
+    "checkpoint": None,
 }
 
 
@@ -860,6 +869,9 @@ def sample_rows(
                 "output_key": hr_key,
                 "lr_check_key": lr_key,
                 "seconds": s.seconds,
+                "search_batch": getattr(s, "search_batch", None),
+                "precision": getattr(s, "precision", None),
+                "checkpoint": getattr(s, "checkpoint", None),
                 "status": "ok",
                 "error": None,
             }

@@ -1024,8 +1024,9 @@ def restore_decoded(
             config=settings.config,
             seed=settings.seed,
             resample=settings.resample,
-            search_batch=settings.search_batch,
+            search_batch=settings.batch_rows,
             on_step=on_step,
+            execution=settings.execution(),
         )
     except (PulseError, RuntimeError) as exc:  # e.g. CUDA out of memory: fail rows, go on
         first = {d.key: d.checksum for d in decoded}

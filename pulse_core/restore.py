@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -18,7 +18,9 @@ from PIL import Image
 from pulse_core.errors import ConfigError, InputError
 from pulse_core.generators.base import Generator
 from pulse_core.imaging import image_from_pil
+from pulse_core.memory import is_out_of_memory, plan_batch, release_cached
 from pulse_core.search import (
+    Execution,
     InitialState,
     SearchConfig,
     SearchResult,
@@ -55,6 +57,9 @@ class SampleResult:
     selected: bool = True  # among the `samples` returned; False: a recorded extra attempt
     intermediate_layers: tuple[str, ...] = ()  # split points offset (intermediate mode)
     intermediate_radius: float | None = None  # their ball radius, relative to feature norms
+    search_batch: int = 1  # rows of the search that produced it (after any OOM halving)
+    precision: str = "fp32"  # the synthesis' autocast precision
+    checkpoint: bool = False  # activation checkpointing was used
 
 
 @dataclass
@@ -139,6 +144,7 @@ def restore(
     resample_steps: int = 30,
     search_batch: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    execution: Execution | None = None,
 ) -> RestoreResult:
     """Restore one in-memory LR image (square, its side dividing the generator resolution).
 
@@ -160,6 +166,7 @@ def restore(
         resample_steps=resample_steps,
         search_batch=search_batch,
         on_step=on_step,
+        execution=execution,
     )[0]
     result.conversions = conversions
     return result
@@ -177,11 +184,16 @@ def restore_many(
     resample_steps: int = 30,
     search_batch: int | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    execution: Execution | None = None,
 ) -> list[RestoreResult]:
     """Restore several LR images, batching (images x samples) rows through one search.
 
     `samples` per input, of which `resample` are noise resamples of the best restart (needs a
-    generator with noise inputs). Rows are grouped by LR size and cut into `search_batch` rows.
+    generator with noise inputs). Rows are grouped by LR size and cut into `search_batch` rows;
+    None = auto: as many as fit the device's free memory (`memory.plan_batch`). A search that
+    runs out of memory anyway is retried with half the rows (then a quarter, ... down to 1),
+    and the rest of the group keeps the smaller batch. `execution`: precision, checkpointing,
+    compile (`Execution()` by default).
 
     The config's `restart_budget` (in rounds of `restarts x steps`; 1 = no extra restarts)
     bounds the optimiser steps an input may spend: while an input has fewer converged restarts
@@ -227,7 +239,9 @@ def restore_many(
         for k in range(restarts)
     ]
     while jobs:
-        _run_jobs(jobs, attempts, results, generator, config, search_batch, on_step, init_of=None)
+        _run_jobs(
+            jobs, attempts, results, generator, config, search_batch, on_step, None, execution
+        )
         jobs = []
         for i, tried in enumerate(attempts):
             need = restarts - sum(a.converged for a in tried)
@@ -269,7 +283,9 @@ def restore_many(
             return parents[job.input_index].latent[None], draw_noise(generator, refine, rng)
 
         extra: list[list[SampleResult]] = [[] for _ in images]
-        _run_jobs(jobs, extra, results, generator, refine, search_batch, on_step, init_of=init_of)
+        _run_jobs(
+            jobs, extra, results, generator, refine, search_batch, on_step, init_of, execution
+        )
         for res, made in zip(results, extra, strict=True):
             res.samples += made
     for res in results:
@@ -286,31 +302,72 @@ def _run_jobs(
     search_batch: int | None,
     on_step: Callable[[int, int, torch.Tensor], None] | None,
     init_of: Callable[[SampleJob], tuple[torch.Tensor, list[torch.Tensor]]] | None,
+    execution: Execution | None = None,
 ) -> None:
+    execution = execution or Execution()
     by_size: dict[int, list[SampleJob]] = {}
     for job in jobs:
         by_size.setdefault(results[job.input_index].lr.shape[-1], []).append(job)
     for group in by_size.values():
-        step = search_batch or len(group)
-        for start in range(0, len(group), step):
-            chunk = group[start : start + step]
-            targets = torch.stack([results[j.input_index].lr for j in chunk])
-            if init_of is None:
-                init = initial_state(generator, [j.seed for j in chunk], config)
-            else:
-                parts = [init_of(j) for j in chunk]
-                init = InitialState(
-                    torch.cat([p[0] for p in parts]),
-                    [
-                        torch.cat([p[1][i] for p in parts])
-                        for i in range(len(generator.noise_shapes))
-                    ],
+        plan = plan_batch(
+            generator,
+            len(group),
+            batch=search_batch,
+            checkpoint=execution.checkpoint,
+            precision=execution.precision,
+        )
+        # The plan's checkpoint choice is the search's (not re-planned per chunk).
+        run = replace(execution, checkpoint="on" if plan.checkpoint else "off")
+        size, start = plan.batch, 0
+        while start < len(group):
+            chunk = group[start : start + size]
+            try:
+                out, seconds = _search_chunk(
+                    chunk, results, generator, config, on_step, init_of, run
                 )
-            t0 = time.perf_counter()
-            out = search(generator, targets, init, config, on_step=on_step)
-            share = (time.perf_counter() - t0) / len(chunk)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # Rows are independent (per-row losses, elementwise Adam), so the same rows at
+                # half the batch are the same search problem; a single row that still does not
+                # fit gets one last try with checkpointing (equal results, less memory).
+                if len(chunk) > 1:
+                    size = max(1, len(chunk) // 2)
+                elif run.checkpoint == "off" and generator.supports_checkpoint:
+                    run = replace(run, checkpoint="on")
+                else:
+                    raise
+                release_cached(generator.device)
+                continue
             for row, job in enumerate(chunk):
-                into[job.input_index].append(_sample_from(out, row, job, share, config))
+                sample = _sample_from(out, row, job, seconds / len(chunk), config)
+                sample.search_batch = len(chunk)
+                into[job.input_index].append(sample)
+            start += len(chunk)
+
+
+def _search_chunk(
+    chunk: list[SampleJob],
+    results: list[RestoreResult],
+    generator: Generator,
+    config: SearchConfig,
+    on_step: Callable[[int, int, torch.Tensor], None] | None,
+    init_of: Callable[[SampleJob], tuple[torch.Tensor, list[torch.Tensor]]] | None,
+    execution: Execution,
+) -> tuple[SearchResult, float]:
+    """One search over the chunk's rows; returns it with its wall time."""
+    targets = torch.stack([results[j.input_index].lr for j in chunk])
+    if init_of is None:
+        init = initial_state(generator, [j.seed for j in chunk], config)
+    else:
+        parts = [init_of(j) for j in chunk]
+        init = InitialState(
+            torch.cat([p[0] for p in parts]),
+            [torch.cat([p[1][i] for p in parts]) for i in range(len(generator.noise_shapes))],
+        )
+    t0 = time.perf_counter()
+    out = search(generator, targets, init, config, on_step=on_step, execution=execution)
+    return out, time.perf_counter() - t0
 
 
 def _sample_from(
@@ -336,4 +393,6 @@ def _sample_from(
         attempt=job.sample_index,
         intermediate_layers=tuple(config.intermediate_layers),
         intermediate_radius=config.intermediate_radius if config.intermediate_layers else None,
+        precision=out.precision,
+        checkpoint=out.checkpointed,
     )

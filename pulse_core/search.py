@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
@@ -26,6 +28,15 @@ from pulse_core.errors import ConfigError
 from pulse_core.generators.base import Generator
 from pulse_core.layers import FeatureOffsets
 from pulse_core.losses import DEFAULT_LOSS, compute_loss, mse_per_sample, parse_loss
+from pulse_core.memory import (
+    CHECKPOINT_MODES,
+    PRECISIONS,
+    CheckpointMode,
+    Precision,
+    autocast,
+    check_precision,
+    plan_batch,
+)
 from pulse_core.schedules import (
     OPTIMIZERS,
     Optimizer,
@@ -169,6 +180,59 @@ def preset(name: str) -> SearchConfig:
 # ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a search runs on its device; what it finds is the same up to float rounding.
+
+    Kept apart from `SearchConfig` (what to search for): `Execution()` is today's exact path
+    (fp32, no compile; checkpointing only where the plain path cannot fit, where it gives
+    equal results). `RestoreSettings` carries the user's choice (`execution()`).
+    """
+
+    precision: Precision = "fp32"  # the synthesis under autocast; losses, sphere, Adam in fp32
+    checkpoint: CheckpointMode = "auto"  # activation checkpointing per synthesis block
+    compile: bool = False  # torch.compile the synthesis (cached per generator and mode)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ConfigError(
+                f"unknown checkpoint mode {self.checkpoint!r}; choose one of: "
+                f"{', '.join(CHECKPOINT_MODES)}"
+            )
+
+
+FP16_LOSS_SCALE = 2.0**12  # fp16 only: the loss is scaled before backward so small gradients
+# of the activations do not flush to zero in float16, and the input gradients unscaled after
+
+_COMPILED: weakref.WeakKeyDictionary[Generator, dict[bool, Callable[..., torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+_COMPILED_LOCK = threading.Lock()
+
+
+def _synthesis_fn(generator: Generator, checkpoint: bool, compile: bool) -> Callable[..., Any]:
+    """The function a step calls: plain or checkpointed synthesis, compiled if asked.
+
+    Compiled functions are cached here per generator (a weak mapping: nothing is set on the
+    shared generator, and the cached function is the unbound method, so the cache does not keep
+    the generator alive) so a process compiles each (generator, checkpoint) once.
+    """
+    fn = generator.synthesize_checkpointed if checkpoint else generator.synthesize
+    if not compile:
+        return fn
+    with _COMPILED_LOCK:
+        per_gen = _COMPILED.setdefault(generator, {})
+        if checkpoint not in per_gen:
+            unbound = fn.__func__  # type: ignore[attr-defined]
+            per_gen[checkpoint] = torch.compile(unbound, dynamic=False)
+        compiled = per_gen[checkpoint]
+    return lambda w, noise, edit=None: compiled(generator, w, noise, edit)
+
+
 @dataclass
 class InitialState:
     """Where a search starts: latents (N, L or 1, D) and one (N, 1, h, w) tensor per noise input."""
@@ -293,6 +357,8 @@ class SearchResult:
     # (N,) steps each sample was optimised (a frozen, converged sample stops counting)
     history: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (steps_run, N)
     seconds: float = 0.0
+    precision: str = "fp32"  # the synthesis' autocast precision
+    checkpointed: bool = False  # activation checkpointing was used
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, steps, converged (N,))
@@ -305,15 +371,20 @@ def search(
     config: SearchConfig,
     *,
     on_step: StepCallback | None = None,
+    execution: Execution | None = None,
 ) -> SearchResult:
     """Optimise N samples whose downscales must match `targets` (N, 3, h, w) in [0, 1].
 
     Runs on the generator's device. The best iterate of a sample is the lowest total loss among
     its iterates within eps, or the lowest total loss overall if it never got within eps.
+    `execution`: precision, checkpointing and compile (default `Execution()`: fp32, plain unless
+    the step does not fit in free memory).
     """
     started = time.perf_counter()
     spec = parse_loss(config.loss)
     device = generator.device
+    execution = execution or Execution()
+    check_precision(execution.precision, device)
     if device.type == "cpu":
         keep_freed_memory()
     n, _, h, w = targets.shape
@@ -356,6 +427,12 @@ def search(
         else None
     )
     deltas: list[torch.Tensor] = []  # intermediate offsets, joined as their layers switch on
+    checkpointed = execution.checkpoint == "on" and generator.supports_checkpoint
+    if execution.checkpoint == "auto" and generator.supports_checkpoint:
+        plan = plan_batch(generator, n, batch=n, precision=execution.precision)
+        checkpointed = plan.checkpoint
+    synthesis = _synthesis_fn(generator, checkpointed, execution.compile)
+    loss_scale = FP16_LOSS_SCALE if execution.precision == "fp16" else 1.0
 
     best_total = torch.full((n,), float("inf"), device=device)
     best_conv = torch.zeros(n, dtype=torch.bool, device=device)
@@ -384,10 +461,19 @@ def search(
         opt.zero_grad(set_to_none=True)
         lat = latent.expand(-1, generator.num_latents, -1) if config.tile_latent else latent
         w_in = generator.prior(lat)
-        image = (generator.synthesize(w_in, noise, edit=offsets) + 1.0) / 2.0
+        with autocast(device, execution.precision):
+            raw = synthesis(w_in, noise, edit=offsets)
+        image = (raw.float() + 1.0) / 2.0
         lr_image = downscale(image, factor, config.operator)
         values = compute_loss(spec, lr_image, target, w_in, config.eps)
-        values.total.sum().backward()
+        if loss_scale == 1.0:
+            values.total.sum().backward()
+        else:
+            (values.total.sum() * loss_scale).backward()
+            with torch.no_grad():
+                for p in [*params, *deltas]:
+                    if p.grad is not None:
+                        p.grad.div_(loss_scale).nan_to_num_(0.0, 0.0, 0.0)
         if offsets is not None:
             for d in offsets.new_params():
                 if not any(d is known for known in deltas):
@@ -455,4 +541,6 @@ def search(
         row_steps=row_steps.to(cpu),
         history={k: torch.stack(v).to(cpu) for k, v in history.items()},
         seconds=time.perf_counter() - started,
+        precision=execution.precision,
+        checkpointed=checkpointed,
     )

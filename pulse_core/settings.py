@@ -21,7 +21,15 @@ from typing import Literal, get_args
 
 from pulse_core.errors import ConfigError
 from pulse_core.imaging import DEFAULT_MAX_PIXELS, FIT_POLICIES
-from pulse_core.search import DEFAULT_PRESET, PresetName, SearchConfig, option, preset
+from pulse_core.memory import CHECKPOINT_MODES, PRECISIONS, CheckpointMode, Precision
+from pulse_core.search import (
+    DEFAULT_PRESET,
+    Execution,
+    PresetName,
+    SearchConfig,
+    option,
+    preset,
+)
 
 FitPolicy = Literal["center-crop", "pad", "none"]
 Device = Literal[
@@ -42,6 +50,7 @@ TaskRunner = Literal["threads", "dask"]
 TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunner)
 FaceMode = Literal["none", "align", "paste"]
 FaceRecipe = Literal["auto", "ffhq", "digiface"]
+AUTO_PLANNING_ROWS = 32  # search_batch=0 (auto): rows assumed when grouping inputs
 MAX_UPSCALE = 16  # a 4000 px photo at x16 is 64000 px wide: far past what anyone means
 assert set(get_args(FitPolicy)) == set(FIT_POLICIES), "FitPolicy lists imaging's policies"
 
@@ -66,7 +75,28 @@ class RestoreSettings:
     seed: int = option(0, "base seed; each (input, sample) derives its own")
     fit: FitPolicy = option("center-crop", "how a non-square input is made square")
     device: Device = option("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    search_batch: int = option(32, "search rows (inputs x samples) per forward pass")
+    search_batch: int = option(
+        0,
+        "search rows (inputs x samples) per forward pass; 0 = auto: as many as the device's "
+        "free memory holds (at most 32 on a CPU, 64 on a GPU); halved and retried on "
+        "out-of-memory either way",
+    )
+    precision: Precision = option(
+        "fp32",
+        "synthesis precision: fp32, bf16 or fp16 (GPU only): autocast for the generator; the "
+        "losses, sphere projection and optimiser stay fp32",
+    )
+    checkpoint: CheckpointMode = option(
+        "auto",
+        "activation checkpointing of the synthesis (less memory, ~1/3 more compute): auto "
+        "(only when the plain path does not fit the free memory), on or off",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the synthesis: a one-off compile per process and generator (5 s for the "
+        "demo, 140 s for StyleGAN2 256 on 2 CPU cores) for 5-10% faster CPU steps; meant for "
+        "long-running GPU workers (docs/benchmarks.md)",
+    )
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest input (width x height) decoded")
     faces: FaceMode = option(
         "none",
@@ -94,8 +124,19 @@ class RestoreSettings:
                 f"resample must be between 0 and samples - 1 ({self.samples - 1}), "
                 f"got {self.resample}"
             )
-        if self.search_batch < 1:
-            raise ConfigError(f"search_batch must be >= 1, got {self.search_batch}")
+        if self.search_batch < 0:
+            raise ConfigError(f"search_batch must be >= 0 (0 = auto), got {self.search_batch}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ConfigError(
+                f"unknown checkpoint mode {self.checkpoint!r}; choose one of: "
+                f"{', '.join(CHECKPOINT_MODES)}"
+            )
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("precision fp16 needs a GPU; use bf16 on the CPU, or fp32")
         if self.fit not in FIT_POLICIES:
             raise ConfigError(
                 f"unknown fit policy {self.fit!r}; choose one of: {', '.join(FIT_POLICIES)}"
@@ -143,6 +184,21 @@ class RestoreSettings:
     def resolved(self) -> RestoreSettings:
         """The same settings with `search` filled in: what a run records and shows."""
         return self if self.search is not None else replace(self, search=preset(self.preset))
+
+    def execution(self) -> Execution:
+        """How the searches run: precision, checkpointing, compile."""
+        return Execution(precision=self.precision, checkpoint=self.checkpoint, compile=self.compile)
+
+    @property
+    def batch_rows(self) -> int | None:
+        """`search_batch` for the search: None = auto (0 in the settings)."""
+        return self.search_batch or None
+
+    @property
+    def planning_rows(self) -> int:
+        """Rows a search is planned with before the device is known (grouping inputs into
+        batches, progress bars): `search_batch`, or 32 when it is auto."""
+        return self.search_batch or AUTO_PLANNING_ROWS
 
     @property
     def restarts(self) -> int:

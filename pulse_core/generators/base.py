@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from pulse_core.errors import ModelFileError
@@ -27,6 +30,32 @@ from pulse_core.generators.gaussian_fit import (
 # It travels with each `synthesize` call instead of living on the (shared, read-only) network,
 # so concurrent searches on one cached generator never see each other's offsets.
 FeatureEdit = Callable[[str, torch.Tensor], torch.Tensor]
+
+# A memory profile in progress (pulse_core.memory._Probe), per call context: each synthesis
+# block tells it where it begins and ends, so one counting forward pass learns what every block
+# keeps for the backward pass. None (always, outside `memory.profile_step`): no cost.
+BLOCK_PROBE: ContextVar[Any] = ContextVar("pulse_block_probe", default=None)
+
+
+def run_segment(fn: Callable[..., Any], *args: Any, checkpoint: bool = False) -> Any:
+    """`fn(*args)`: one synthesis block, optionally under activation checkpointing.
+
+    With `checkpoint` (and gradients on) the block keeps only its inputs; its activations are
+    recomputed during the backward pass, one block at a time, which bounds a step's memory by
+    the largest block instead of the whole network (StyleGAN3-T 1024 on the CPU: see
+    docs/benchmarks.md). Non-reentrant checkpointing: gradients w.r.t. the inputs (all PULSE
+    needs) are exact, and the recomputation replays the same ops and autocast state, so results
+    equal the plain path's. The generator is not touched: the choice travels with the call.
+    """
+    probe = BLOCK_PROBE.get()
+    if probe is not None:
+        probe.begin()
+        out = fn(*args)
+        probe.end(out)
+        return out
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class Generator(nn.Module, ABC):
@@ -87,6 +116,18 @@ class Generator(nn.Module, ABC):
 
         With `edit=None` the result is bit-identical to the network without split points.
         """
+
+    supports_checkpoint: bool = False  # `synthesize_checkpointed` saves memory (per block)
+
+    def synthesize_checkpointed(
+        self,
+        w: torch.Tensor,  # as `synthesize`
+        noise: list[torch.Tensor],
+        edit: FeatureEdit | None = None,
+    ) -> torch.Tensor:
+        """`synthesize` with activation checkpointing per block (`run_segment`): equal results,
+        less memory, one more forward pass of compute. Families without blocks run plain."""
+        return self.synthesize(w, noise, edit)
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.base import (
+    FeatureEdit,
+    StyleGenerator,
+    require_same_tensors,
+    run_segment,
+)
 from pulse_core.generators.gaussian_fit import LEAKY_RELU, GaussianFit
 
 SQRT2 = math.sqrt(2.0)
@@ -451,13 +456,14 @@ class StyleGAN1Synthesis(nn.Module):
         w: torch.Tensor,  # (B, num_layers, w_dim)
         noise: list[torch.Tensor],  # num_layers maps (B or 1, 1, side, side)
         edit: FeatureEdit | None = None,  # applied to each block's output, by the block's name
+        checkpoint: bool = False,  # activation checkpointing per block (base.run_segment)
     ) -> torch.Tensor:
         assert w.ndim == 3 and w.shape[1] == self.num_layers, f"w must be (B, {self.num_layers}, D)"
         assert len(noise) == self.num_layers, f"need {self.num_layers} noise maps"
         x = torch.empty(0)
         for i, (name, block) in enumerate(self.blocks.items()):
             ws, ns = w[:, 2 * i : 2 * i + 2], noise[2 * i : 2 * i + 2]
-            x = block(w.shape[0], ws, ns) if i == 0 else block(x, ws, ns)
+            x = run_segment(block, w.shape[0] if i == 0 else x, ws, ns, checkpoint=checkpoint)
             if edit is not None:
                 x = edit(name, x)
         # the fast path runs channels-last on the CPU; callers get the usual contiguous layout
@@ -516,6 +522,13 @@ class StyleGAN1Generator(StyleGenerator):
         self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
     ) -> torch.Tensor:
         return self.synthesis(w, noise, edit)
+
+    supports_checkpoint = True
+
+    def synthesize_checkpointed(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
+        return self.synthesis(w, noise, edit, checkpoint=True)
 
 
 # ----------------------------------------------------------------------------

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.base import (
+    FeatureEdit,
+    StyleGenerator,
+    require_same_tensors,
+    run_segment,
+)
 from pulse_core.generators.fir import setup_filter, upfirdn2d, upsample2d
 from pulse_core.generators.gaussian_fit import FinalActivation, GaussianFit
 
@@ -615,6 +620,7 @@ class SynthesisNetwork(nn.Module):
         # that has a noise input ([N or 1, 1, r, r]); None = no noise ('none' noise mode)
         edit: FeatureEdit | None = None,  # applied to each block's features x (not its skip
         # image), by the block's name "b{res}"; None = the plain network
+        checkpoint: bool = False,  # activation checkpointing per block (base.run_segment)
     ) -> torch.Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"ws must be [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}"
@@ -632,7 +638,7 @@ class SynthesisNetwork(nn.Module):
         for block in self.blocks():
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             block_noise = [by_layer[id(layer)] for layer in block.layers()]
-            x, img = block(x, img, block_ws, block_noise)
+            x, img = run_segment(block, x, img, block_ws, block_noise, checkpoint=checkpoint)
             if edit is not None:
                 x = edit(f"b{block.resolution}", x)
             w_idx += block.num_conv
@@ -715,6 +721,13 @@ class StyleGAN2Generator(StyleGenerator):
         self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
     ) -> torch.Tensor:
         return self.synthesis(w, noise if self.noise_shapes else None, edit)
+
+    supports_checkpoint = True
+
+    def synthesize_checkpointed(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
+        return self.synthesis(w, noise if self.noise_shapes else None, edit, checkpoint=True)
 
     # -- conveniences ---------------------------------------------------------------------------
 

@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pulse_core.errors import ModelFileError
-from pulse_core.generators.base import FeatureEdit, StyleGenerator, require_same_tensors
+from pulse_core.generators.base import (
+    FeatureEdit,
+    StyleGenerator,
+    require_same_tensors,
+    run_segment,
+)
 from pulse_core.generators.fir import upfirdn2d
 from pulse_core.generators.gaussian_fit import FIT_CHUNK, FIT_SAMPLES, NVIDIA_LRELU, GaussianFit
 
@@ -613,16 +618,17 @@ class StyleGAN3Synthesis(nn.Module):
         ws: torch.Tensor,  # (N, num_ws, w_dim)
         edit: FeatureEdit | None = None,  # applied to the input's and each layer's output, by
         # name ("input", "L0_36_512", ...); None = the plain network
+        checkpoint: bool = False,  # activation checkpointing per layer (base.run_segment)
     ) -> torch.Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"ws must be (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}"
         )
         w_list = ws.to(torch.float32).unbind(dim=1)
-        x = self.input(w_list[0])
+        x = run_segment(self.input, w_list[0], checkpoint=checkpoint)
         if edit is not None:
             x = edit("input", x)
         for name, layer, w in zip(self.layer_names, self.layers(), w_list[1:], strict=True):
-            x = layer(x, w)
+            x = run_segment(layer, x, w, checkpoint=checkpoint)
             if edit is not None:
                 x = edit(name, x)
         if self.output_scale != 1:
@@ -719,6 +725,15 @@ class StyleGAN3Generator(StyleGenerator):
         if noise:
             raise ValueError(f"StyleGAN3 takes no noise maps, got {len(noise)}")
         return self.synthesis(w, edit)
+
+    supports_checkpoint = True
+
+    def synthesize_checkpointed(
+        self, w: torch.Tensor, noise: list[torch.Tensor], edit: FeatureEdit | None = None
+    ) -> torch.Tensor:
+        if noise:
+            raise ValueError(f"StyleGAN3 takes no noise maps, got {len(noise)}")
+        return self.synthesis(w, edit, checkpoint=True)
 
     # --- conveniences -------------------------------------------------------------
 
