@@ -238,10 +238,20 @@ def restore_many(
         for i in range(len(images))
         for k in range(restarts)
     ]
+    rounds = 0
     while jobs:
         _run_jobs(
-            jobs, attempts, results, generator, config, search_batch, on_step, None, execution
+            jobs,
+            attempts,
+            results,
+            generator,
+            _round_config(config, rounds),
+            search_batch,
+            on_step,
+            None,
+            execution,
         )
+        rounds += 1
         jobs = []
         for i, tried in enumerate(attempts):
             need = restarts - sum(a.converged for a in tried)
@@ -291,6 +301,19 @@ def restore_many(
     for res in results:
         res.samples.sort(key=lambda s: s.index)
     return results
+
+
+def _round_config(config: SearchConfig, rounds: int) -> SearchConfig:
+    """The config of restart round `rounds` (0 = the first): the intermediate ball widened.
+
+    Inputs still unconverged after a round are the ones the generator's manifold plus a small
+    ball cannot reach; a wider ball in the next round reaches more of them (docs/evaluation.md,
+    "Factor 2"). Each sample records the radius it was searched with.
+    """
+    growth = config.restart_radius_growth
+    if rounds == 0 or growth == 1 or not config.intermediate_layers:
+        return config
+    return config.with_(intermediate_radius=config.intermediate_radius * growth**rounds)
 
 
 def _run_jobs(

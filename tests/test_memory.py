@@ -196,10 +196,15 @@ def test_the_estimate_is_within_a_factor_2_5_of_the_measured_peak(ckpt):
     (StyleGAN2 64 px, release channels: 0.23 GB per row plain, 0.14 GB checkpointed).
     """
     code = _MEASURE.format(repo=str(REPO), family="stylegan2", res=64, ckpt=ckpt, batch=4)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(2):
+        # Two processes, the larger growth kept: RSS only under-counts (pages of the libraries
+        # evicted while a busy machine is short of memory), never over-counts a step.
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    got = max(runs, key=lambda r: r["measured"])
     estimated = 3 * got["row"]
     assert estimated / 2.5 <= got["measured"] <= estimated * 2.5, got
 

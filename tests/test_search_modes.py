@@ -79,6 +79,35 @@ def test_restart_budget_in_rounds_sets_the_step_budget():
     assert len(result.attempts) == 2 and result.steps_spent == 8
 
 
+def test_each_restart_round_widens_the_intermediate_ball():
+    gen = tiny_dcgan()
+    config = SearchConfig(
+        steps=3,
+        eps=1e-9,  # unreachable: every round runs
+        intermediate_layers=("16x16",),
+        intermediate_radius=0.04,
+        restart_budget=3,
+        restart_radius_growth=1.5,
+    )
+    result = restore(torch.rand(3, 8, 8), gen, samples=1, config=config)
+    radii = sorted((s.attempt, s.intermediate_radius) for s in result.attempts)
+    assert [a for a, _ in radii] == [0, 1, 2]
+    assert [r for _, r in radii] == pytest.approx([0.04, 0.06, 0.09])
+    same = restore(
+        torch.rand(3, 8, 8), gen, samples=1, config=config.with_(restart_radius_growth=1)
+    )
+    assert {s.intermediate_radius for s in same.attempts} == {0.04}
+
+
+def test_the_robust_preset_widens_the_ball_for_its_restart_round():
+    from pulse_core.search import preset
+
+    robust = preset("robust")
+    assert (robust.restart_budget, robust.restart_radius_growth) == (2.0, 1.5)
+    with pytest.raises(ConfigError, match="restart_radius_growth must be >= 1"):
+        robust.with_(restart_radius_growth=0.5)
+
+
 def test_restart_budget_below_one_round_is_refused():
     with pytest.raises(ConfigError, match="restart_budget must be >= 1"):
         SearchConfig(steps=5, restart_budget=0.5)

@@ -38,6 +38,7 @@ SEARCH_VALUES: dict[str, Any] = {
     "intermediate_radius": 0.123,
     "intermediate_start": 0.5,
     "restart_budget": 1.5,
+    "restart_radius_growth": 1.25,
 }
 SETTINGS_VALUES: dict[str, Any] = {
     "model": "some/model.pt",
