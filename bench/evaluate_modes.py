@@ -1,9 +1,10 @@
 """Search modes on real faces: `pulse_core.evaluation` run once per mode, tables side by side.
 
 A thin caller of the one evaluation code path (`pulse eval` runs the same): the faces come from
-registry packages (`pulse_core.evaluation.faces`, split by index into `dev` and `held`), each
-mode is an `EvalSettings` whose restore carries the mode's `SearchConfig`, and every number
-(LR consistency, NIQE, BRISQUE, PSNR/SSIM, diversity, steps) is the evaluation's own.
+registry packages (`pulse_core.evaluation.faces`: split by index into `dev` and `held`, or the
+`independent` set, which chose nothing), each mode is an `EvalSettings` whose restore carries
+the mode's `SearchConfig`, and every number (LR consistency, NIQE, BRISQUE, PSNR/SSIM,
+diversity, steps) is the evaluation's own.
 
     python bench/evaluate_modes.py --quick                    # smoke run (a minute)
     python bench/evaluate_modes.py --split held --factors 4,8 --modes preset-robust,plain-100
@@ -32,7 +33,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python bench/evaluate_modes.py` from a checkout
 
 from pulse_core.evaluation import EvalSettings, evaluate  # noqa: E402
-from pulse_core.evaluation.faces import SPLITS, write_face_set  # noqa: E402
+from pulse_core.evaluation.faces import SPLIT_NAMES, write_face_set  # noqa: E402
 from pulse_core.evaluation.report import COLUMNS  # noqa: E402
 from pulse_core.search import DEFAULT_PRESET, SearchConfig, preset  # noqa: E402
 from pulse_core.settings import RestoreSettings  # noqa: E402
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--split", default="all", choices=sorted(SPLITS), help="face set (default all)")
+    p.add_argument("--split", default="all", choices=SPLIT_NAMES, help="face set (default all)")
     p.add_argument("--factors", default="4,8", help="scale factors (default 4,8: 16x16, 8x8)")
     p.add_argument("--degrade", default="", help="degradations, comma-separated")
     p.add_argument("--modes", default="", help="mode names, comma-separated (default: all)")

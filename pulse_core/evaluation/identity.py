@@ -12,8 +12,9 @@ Needs `dlib` (`dlib-bin` wheel) and `face_recognition_models` (`pip install
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,10 +30,11 @@ def load_embedder() -> tuple[Embedder | None, str | None]:
     """(embed(image) -> (128,), None), or (None, why it is missing)."""
     try:
         import dlib
-        import face_recognition_models as frm
     except ImportError as exc:
         return None, f"{exc.name} is not installed: {INSTALL_HINT}"
-    models = importlib.resources.files(frm) / "models"
+    models = _models_folder()
+    if models is None:
+        return None, f"face_recognition_models is not installed: {INSTALL_HINT}"
     predictor = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
     net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
@@ -47,6 +49,20 @@ def load_embedder() -> tuple[Embedder | None, str | None]:
         return np.asarray(net.compute_face_descriptor(rgb, shape), dtype=np.float64)
 
     return embed, None
+
+
+def _models_folder() -> Path | None:
+    """face_recognition_models' `models/` folder, found without importing the package.
+
+    Its `__init__` imports `pkg_resources`, which setuptools >= 81 no longer ships: importing it
+    fails on a current environment although the model files are there.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(root) / "models"
+        if (folder / "dlib_face_recognition_resnet_model_v1.dat").is_file():
+            return folder
+    return None
 
 
 def identity_distance(embed: Embedder, a: torch.Tensor, b: torch.Tensor) -> float:

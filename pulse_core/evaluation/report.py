@@ -244,6 +244,17 @@ PALETTE = [
 ]
 
 
+def _canvas(
+    title: str, width: int, height: int, left: int
+) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """A white chart with its title at the top left, and the pen and font to draw the rest."""
+    font = ImageFont.load_default()
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    pen = ImageDraw.Draw(img)
+    pen.text((left, 4), title, fill=(0, 0, 0), font=font)
+    return img, pen, font
+
+
 def bar_chart(
     title: str,
     groups: Sequence[str],
@@ -254,11 +265,8 @@ def bar_chart(
     height: int = 320,
 ) -> Image.Image:
     """Grouped bars: one group per x label, one bar per series; a missing value draws nothing."""
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    pen = ImageDraw.Draw(img)
     left, right, top, bottom = 50, 10, 24, 40
-    pen.text((left, 4), title, fill=(0, 0, 0), font=font)
+    img, pen, font = _canvas(title, width, height, left)
     finite = [v for v in values.values() if v is not None and math.isfinite(v)]
     hi = max([*finite, 0.0]) or 1.0
     lo = min([*finite, 0.0])
@@ -301,11 +309,8 @@ def line_chart(
     height: int = 320,
 ) -> Image.Image:
     """Curves over steps (log y by default); `hline`: a dashed reference (eps)."""
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    pen = ImageDraw.Draw(img)
     left, right, top, bottom = 60, 10, 24, 30
-    pen.text((left, 4), title, fill=(0, 0, 0), font=font)
+    img, pen, font = _canvas(title, width, height, left)
 
     def t(v: float) -> float:
         return math.log10(max(v, 1e-12)) if log_y else v
