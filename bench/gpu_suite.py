@@ -132,7 +132,11 @@ def peak_bytes(device: str) -> int:
 
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    try:  # this process image's own peak; ru_maxrss would include a large parent's (exec)
+        status = Path("/proc/self/status").read_text().split("VmHWM:", 1)[1]
+        return int(status.split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def measure(
