@@ -84,7 +84,7 @@ def _run_name() -> str:
     return f"evaluate {source[-60:]} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
-@flow(name="evaluate", flow_run_name=_run_name, log_prints=True)
+@flow(name="evaluate", flow_run_name=_run_name, log_prints=True, persist_result=True)
 def evaluate(
     source: str,
     dest: str,
@@ -116,7 +116,7 @@ def evaluate(
     return summary
 
 
-@flow(name="evaluate-batches", flow_run_name="evaluate-batches-{run_id}")
+@flow(name="evaluate-batches", flow_run_name="evaluate-batches-{run_id}", persist_result=True)
 def _fan_out(
     keys: list[str], src: Storage, dst: Storage, settings: EvalSettings, run_id: str
 ) -> list[BatchEval]:

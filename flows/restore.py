@@ -104,7 +104,9 @@ FAILURES_LOGGED = 200  # failed inputs named in the run's log; the manifest has 
 MIN_IN_FLIGHT = 2
 
 
-@flow(name="restore-batches", flow_run_name=_batches_name)
+# persist_result: the engine may hand back the API's copy of the final state (a retried state
+# update on a busy API), which carries no data; a persisted result is read back from storage.
+@flow(name="restore-batches", flow_run_name=_batches_name, persist_result=True)
 def restore_batches(
     plan_key: str,
     source: Storage,
@@ -180,7 +182,7 @@ def _in_flight_bound() -> int:
     return IN_FLIGHT_PER_WORKER * slots
 
 
-@flow(name="restore-archive", flow_run_name=_run_name, log_prints=True)
+@flow(name="restore-archive", flow_run_name=_run_name, log_prints=True, persist_result=True)
 def restore_archive(
     source: str,
     dest: str,
