@@ -963,8 +963,10 @@ COMPOSE_MUTATIONS: dict[str, tuple[Edit, str]] = {
         "must hold exactly 1 GPU, holds 0",
     ),
     "pull step into the wrong folder": (
-        lambda d: _service(d, "prefect-worker")["environment"].update(PULSE_PIPELINE_ROOT="/work"),
-        "PULSE_PIPELINE_ROOT=/work (prefect.yaml pull step)",
+        lambda d: _service(d, "prefect-worker")["environment"].update(
+            PULSE_PIPELINE_ROOT="/var/lib/pulse"
+        ),
+        "PULSE_PIPELINE_ROOT=/var/lib/pulse (prefect.yaml pull step)",
     ),
     "no S3 endpoint for the flow runs": (
         lambda d: _service(d, "prefect-worker")["environment"].pop("AWS_ENDPOINT_URL"),
