@@ -55,6 +55,18 @@ def job_key(dest_url: str, deployment: str | None = None) -> str:
     return f"restore-{slug}-{digest}" if slug else f"restore-{digest}"
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` (a URL or key, its trailing slash dropped) in at most `width` characters: the end
+    is kept, since the end of a path is what tells two runs or batches apart."""
+    text = text.rstrip("/")
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _eps(s: RunSummary) -> float | None:
+    """The eps the run searched with (its settings are the resolved ones)."""
+    return (s.settings.get("search") or {}).get("eps")
+
+
 def _error(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.3g}")
 
@@ -100,8 +112,8 @@ def _share(part: int, whole: int) -> str:
     return f"{part} of {whole} ({100.0 * part / whole:.0f}%)" if whole else "none"
 
 
-def _loss_section(s: RunSummary, eps: float | None) -> list[str]:
-    loss = s.loss
+def _loss_section(s: RunSummary) -> list[str]:
+    loss, eps = s.loss, _eps(s)
     if loss is None or not loss.inputs:
         return []
     per_input = loss.steps / s.attempted if s.attempted else 0.0
@@ -222,7 +234,6 @@ def report_markdown(
     s: RunSummary,
     previews: list[Preview] | None = None,
     links: Links | None = None,
-    eps: float | None = None,
 ) -> str:
     rate = s.attempted / s.seconds if s.seconds > 0 else 0.0
     verdict = f"{s.ok} ok, {s.failed} failed, {s.skipped} skipped"
@@ -249,7 +260,7 @@ def report_markdown(
         if len(s.failures) > FAILURES_SHOWN:
             lines.append(f"| ... | {len(s.failures) - FAILURES_SHOWN} more in the manifest |")
         lines.append("")
-    lines += _loss_section(s, eps)
+    lines += _loss_section(s)
     lines += _preview_section(previews or [], links, s.ok)
     lines += _links_section(links)
     lines += _inputs_section(s)

@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.recovery import adopt_crashed
-from flows.report import job_key, report_markdown, results_table
+from flows.report import job_key, report_markdown, results_table, shorten
 from pulse_core.errors import PulseError
 from pulse_core.lease import RunLease
 from pulse_core.manifest import finalize_run
@@ -50,14 +50,9 @@ class TooManyFailures(PulseError):
     """More inputs failed than `max_failures` allows (everything else was still finished)."""
 
 
-def _short(text: str, width: int = 60) -> str:
-    text = text.rstrip("/")
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
 def _run_name() -> str:
     source = str(flow_run.parameters.get("source", "?"))
-    return f"restore {_short(source)} {datetime.now(UTC):%Y-%m-%d %H:%M}"
+    return f"restore {shorten(source, 60)} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
 def _batches_name() -> str:
@@ -66,7 +61,7 @@ def _batches_name() -> str:
     source = getattr(params.get("source"), "url", params.get("source", "?"))
     total = params.get("total_inputs")
     size = f": {total} inputs" if total is not None else ""
-    return f"batches of {_short(str(source))}{size}"
+    return f"batches of {shorten(str(source), 60)}{size}"
 
 
 def run_tags(settings: RestoreSettings) -> list[str]:
@@ -215,10 +210,9 @@ def restore_archive(
                 run_id, src.url, dst.url, settings, found.total, found.done, tally, seconds, files
             )
             if files is not None:  # a run with nothing to do keeps the last real results in view
-                eps = settings.config.eps
-                table = results_table(tally.inputs, eps, dst.url)
+                table = results_table(tally.inputs, settings.config.eps, dst.url)
                 previews = make_previews(dst, tally.inputs)
-                report = report_markdown(summary, previews, make_links(dst, files), eps)
+                report = report_markdown(summary, previews, make_links(dst, files))
                 publish_artifacts(table, report, run_key)
     counts = f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped"
     logger.info("%s; manifests: %s", counts, summary.samples_key or "(none: nothing to do)")

@@ -14,7 +14,7 @@ from prefect.exceptions import MissingContextError
 
 from flows.report import Links, Preview
 from pulse_core.errors import PulseError
-from pulse_core.manifest import RunFiles, finalize_run
+from pulse_core.manifest import INDEX_PREFIX, RunFiles, finalize_run
 from pulse_core.pipeline import InputOutcome
 from pulse_core.render import sheet_key
 from pulse_core.storage import Storage
@@ -23,7 +23,6 @@ TABLE_ROWS = 1000  # an artifact is for reading; the manifest has every row
 PREVIEWS = 8  # contact sheets shown in the report
 LINK_EXPIRY_S = 7 * 24 * 3600  # presigned links last a week (SigV4's longest)
 THUMBNAIL_PX = (480, 160)  # inline previews of local runs: small, so the report stays small
-INDEX_PREFIX = "_manifest/samples/"
 
 
 @task(name="finalize-manifests", tags=["io"], retries=2, retry_delay_seconds=5)
@@ -90,7 +89,7 @@ def make_links(dest: Storage, files: RunFiles) -> Links:
         dest=dest.url.rstrip("/"),
         samples=dest.uri(files.samples_key),
         losses=dest.uri(files.losses_key),
-        index=f"{dest.url.rstrip('/')}/{INDEX_PREFIX}",
+        index=f"{dest.url.rstrip('/')}/{INDEX_PREFIX}/",
         samples_url=urls[0],
         losses_url=urls[1],
         expires=expires,

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run as current_task
 from prefect.states import Completed, State
 
+from flows.report import shorten
 from pulse_core.pipeline import BatchOutcome, process_batch
 from pulse_core.settings import RestoreSettings
 from pulse_core.storage import RetryBudgetExhaustedError, Storage, is_transient
@@ -27,10 +28,6 @@ def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
 def _batch_name() -> str:
     """A batch task's name: its number and input range, so a failed one is found by name."""
     params = current_task.parameters
@@ -39,9 +36,9 @@ def _batch_name() -> str:
     if not keys:
         return f"batch {batch}"
     span = (
-        _short(keys[0], 40)
+        shorten(keys[0], 40)
         if len(keys) == 1
-        else f"{_short(keys[0], 40)} .. {_short(keys[-1], 40)}"
+        else f"{shorten(keys[0], 40)} .. {shorten(keys[-1], 40)}"
     )
     return f"batch {batch} ({len(keys)}): {span}"
 

@@ -87,7 +87,7 @@ def test_the_loss_summary_counts_inputs_samples_and_the_median_best_error(summar
     assert (loss.samples, loss.converged_samples) == (6, 3)
     assert (loss.min_error, loss.median_error, loss.max_error) == (0.001, 0.002, 0.004)
     assert (loss.steps, loss.attempts) == (500, 8)
-    report = report_markdown(summary, eps=0.002)
+    report = report_markdown(summary)  # robust's eps, 2e-3
     assert "inputs with a sample within eps (0.002): **2 of 3 (67%)**" in report
     assert "samples within eps: 3 of 6 (50%)" in report
     assert "min 0.001, median 0.002, max 0.004" in report
